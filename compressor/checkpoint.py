@@ -1,0 +1,179 @@
+"""Saving and loading checkpoints: atomic writes, weights plus an architecture spec.
+
+A checkpoint is a plain dict that ``torch.load(weights_only=True)`` reads:
+``{"format", "family", "spec", "state_dict", "recipe", "passes", "stage", ...}``.
+The model is rebuilt from the spec by its family and the weights loaded into
+it; no code is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .family import ModelFamily
+from .plugins import Registry, load_registry
+
+FORMAT = "compressor.checkpoint/1"
+FINAL_NAME = "final.pt"
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Write through ``write(file)`` into a temporary file, fsync, then rename over ``path``.
+
+    A crash or SIGKILL at any moment leaves either the old file or the new one,
+    never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    family: ModelFamily,
+    *,
+    recipe: dict | None = None,
+    passes: list[dict] | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Save ``model`` as weights plus its family's spec, atomically."""
+    content = {
+        "format": FORMAT,
+        "family": family.name,
+        "spec": family.spec_of(model),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "recipe": recipe,
+        "passes": passes or [],
+    }
+    content.update(extra or {})
+    atomic_write_bytes(path, lambda handle: torch.save(content, handle))
+
+
+def read_file(path: Path) -> object:
+    """``torch.load`` with weights_only=True, on the CPU, with errors a user can act on."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many unrelated types for a bad file
+        lines = str(err).strip().splitlines()
+        reason = lines[0] if lines else type(err).__name__
+        raise UsageError(f"{path}: not a readable PyTorch checkpoint ({reason})") from err
+
+
+@dataclass
+class LoadedModel:
+    family: ModelFamily
+    model: nn.Module
+    source: str
+    checkpoint: dict = field(default_factory=dict)
+
+
+def resolve_checkpoint_path(path: Path) -> Path:
+    """A run folder means its final model, or the last completed stage's checkpoint."""
+    if not path.is_dir():
+        return path
+    final = path / FINAL_NAME
+    if final.is_file():
+        return final
+    stages = sorted((path / "checkpoints").glob("stage-*.pt")) if (path / "checkpoints").is_dir() else []
+    if not stages:
+        raise UsageError(f"{path}: a folder with neither {FINAL_NAME} nor stage checkpoints (not a run folder)")
+    return stages[-1]
+
+
+def _is_run_folder(path: Path) -> bool:
+    return (path / FINAL_NAME).is_file() or (path / "checkpoints").is_dir()
+
+
+def open_model(source: str | Path, registry: Registry | None = None) -> LoadedModel:
+    """A model from a family name (its baseline), a run folder or a checkpoint file."""
+    registry = registry or load_registry()
+    text = str(source)
+    if text in registry.families and not (Path(text).is_file() or _is_run_folder(Path(text))):
+        family = registry.families[text]
+        return LoadedModel(family, family.baseline().eval(), text)
+    path = Path(source)
+    if not path.exists():
+        raise UsageError(f"{source}: neither a file, a run folder nor a model family (families: {', '.join(registry.families)})")
+    path = resolve_checkpoint_path(path)
+    content = read_file(path)
+    if isinstance(content, dict) and content.get("format") == FORMAT:
+        return _from_own_format(content, path, registry)
+    for family in registry.families.values():
+        model = family.load_native(content, str(path))
+        if model is not None:
+            return LoadedModel(family, model.eval(), str(path))
+    raise UsageError(
+        f"{path}: not a checkpoint of any registered model family ({', '.join(registry.families)}){_key_hint(content)}"
+    )
+
+
+def _key_hint(content: object) -> str:
+    """The first few keys of an unrecognised checkpoint, so the user sees what it is."""
+    if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
+        content = content["state_dict"]
+    if not isinstance(content, dict) or not content:
+        return ""
+    keys = [str(k) for k in list(content)[:4]]
+    more = f", ... ({len(content)} keys)" if len(content) > 4 else ""
+    return f"; its keys begin: {', '.join(keys)}{more}"
+
+
+def _from_own_format(content: dict, path: Path, registry: Registry) -> LoadedModel:
+    family = registry.get_family(str(content.get("family")), where=f"{path}: ")
+    model = family.build(content["spec"])
+    try:
+        model.load_state_dict(content["state_dict"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise UsageError(f"{path}: weights do not fit the stored architecture ({' '.join(first[:2])})") from err
+    return LoadedModel(family, model.eval(), str(path), content)
+
+
+def load_model(source: str | Path) -> nn.Module:
+    """The model of a run folder (its final model), a checkpoint, or a family's baseline, in eval mode."""
+    return open_model(source).model

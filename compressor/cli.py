@@ -1,0 +1,149 @@
+"""The ``compress`` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import accounting
+from .checkpoint import open_model
+from .errors import CompressorError
+from .inputs import parse_input_size
+from .plugins import Registry, get_plugin_manager, collect
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(command: Callable) -> Callable:
+    """User mistakes become one line on stderr and an exit code, not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        debug = bool(ctx.find_root().params.get("debug"))
+        try:
+            return command(*args, **kwargs)
+        except CompressorError as err:
+            if debug:
+                raise
+            _fail(str(err), err.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper
+
+
+def registry_from(ctx: click.Context) -> Registry:
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = collect(get_plugin_manager())
+    return root.obj
+
+
+class CompressGroup(click.Group):
+    """Lets plugins add commands before the command line is parsed."""
+
+    _plugins_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if not self._plugins_loaded:
+            self._plugins_loaded = True
+            try:
+                get_plugin_manager().hook.compressor_commands(cli=self)
+            except CompressorError as err:
+                _fail(str(err), err.exit_code)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        self._load_plugin_commands()
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=CompressGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.version_option(package_name="featherface-compressor", prog_name="compress")
+def cli(debug: bool) -> None:
+    """Compress PyTorch models pass by pass, with budgets, checks and resumable checkpoints.
+
+    Exit codes: 0 ok, 1 a check failed, 2 bad input or usage.
+    """
+
+
+def format_count(value: int) -> str:
+    return f"{value:,}"
+
+
+def component_table(components: dict[str, int], total: int) -> list[str]:
+    width = max([len(name) for name in components] + [len("total")])
+    lines = []
+    for name, count in components.items():
+        share = 100.0 * count / total if total else 0.0
+        lines.append(f"  {name:<{width}}  {format_count(count):>10}  {share:5.1f}%")
+    lines.append(f"  {'total':<{width}}  {format_count(total):>10}  100.0%")
+    return lines
+
+
+@cli.command()
+@click.argument("model", metavar="[FAMILY | CHECKPOINT | RUN_DIR]", default="featherface")
+@click.option("--input-size", "input_size", default="640", show_default=True, help="H or HxW for MACs and latency.")
+@click.option("--latency-runs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also time this many CPU forwards at batch 1 (median reported); 0 skips timing.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="CPU threads for timing.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@handle_errors
+def inspect(model: str, input_size: str, latency_runs: int, threads: int, as_json: bool) -> None:
+    """Parameters per component, MACs and (optionally) CPU latency of a model.
+
+    MODEL is a model family's name (its baseline architecture), a checkpoint
+    (ours, or one the family knows, e.g. the original FeatherFace's), or a run
+    folder (its final model).
+    """
+    loaded = open_model(model, registry_from(click.get_current_context()))
+    family = loaded.family
+    height, width = parse_input_size(input_size)
+    family.check_input_size(height, width)
+    params = accounting.count_parameters(loaded.model, family.component_of, family.components)
+    example = family.example_input(height, width, batch_size=1)
+    macs = accounting.count_macs(loaded.model, example)
+    result: dict[str, Any] = {
+        "total": params.total,
+        "components": params.components,
+        "macs": macs.macs,
+        "input_size": [height, width],
+        "extra_macs": macs.extra,
+        "model": loaded.source,
+        "family": family.name,
+    }
+    if latency_runs:
+        result["latency"] = accounting.measure_latency(loaded.model, example, runs=latency_runs, threads=threads).to_dict()
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{loaded.source} ({family.name})")
+    click.echo("parameters (each tensor counted once):")
+    for line in component_table(params.components, params.total):
+        click.echo(line)
+    click.echo(f"MACs at {height}x{width}, batch 1: {format_count(macs.macs)} ({macs.macs / 1e9:.3f} G)"
+               "  [convs and linear layers; BN, activations, pooling, resizing not counted]")
+    for kind, value in macs.extra.items():
+        click.echo(f"  plus {kind}: {format_count(value)}  [not in MACs above; 4 MACs per bilinear sample + 1 for modulation]"
+                   if kind == "deform_sampling_macs" else f"  plus {kind}: {format_count(value)}")
+    if latency_runs:
+        lat = result["latency"]
+        click.echo(f"CPU latency: median {lat['median_ms']:.1f} ms over {lat['runs']} runs "
+                   f"(after {lat['warmup']} warm-up), {lat['threads']} thread(s), batch 1")
+
+
+def main() -> None:
+    cli()

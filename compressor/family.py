@@ -1,0 +1,59 @@
+"""The model-family interface: everything the engine needs to know about a model.
+
+The engine never imports a family's code.  A family (FeatherFace is the first)
+is an object implementing this interface, registered through the
+``compressor_models`` hook.  The engine builds, describes, counts and checks
+models only through it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class ModelFamily(ABC):
+    """A family of architectures that can be described by a serialisable spec."""
+
+    #: The name recipes and the CLI use (``model.family``, ``compress inspect NAME``).
+    name: str
+    #: One line for ``compress families`` and help texts.
+    description: str = ""
+    #: The accounting components, in display order; ``other`` is added by the engine.
+    components: tuple[str, ...] = ()
+
+    @abstractmethod
+    def baseline(self) -> nn.Module:
+        """The family's reference architecture with freshly initialised weights."""
+
+    @abstractmethod
+    def build(self, spec: dict[str, Any]) -> nn.Module:
+        """A model with random weights whose architecture ``spec`` describes."""
+
+    @abstractmethod
+    def spec_of(self, model: nn.Module) -> dict[str, Any]:
+        """The spec of ``model`` as it is now (after any pass), JSON-able."""
+
+    @abstractmethod
+    def component_of(self, parameter_name: str) -> str:
+        """The accounting component a parameter (by its state_dict name) belongs to."""
+
+    def load_native(self, content: object, source: str) -> nn.Module | None:
+        """Load checkpoint ``content`` (already read with weights_only) in a format native to this family.
+
+        For instance the original implementation's state_dicts.  Returns None when
+        ``content`` is not in such a format, so the engine can try the next family;
+        raises :class:`compressor.errors.UsageError` when it is but cannot be loaded.
+        """
+        return None
+
+    def check_input_size(self, height: int, width: int) -> None:
+        """Raise :class:`compressor.errors.UsageError` for input sizes the family cannot take."""
+
+    def example_input(self, height: int, width: int, batch_size: int = 2, seed: int = 0) -> Tensor:
+        """A fixed, image-like batch for validation and drift measurement."""
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(batch_size, 3, height, width, generator=generator)

@@ -1,0 +1,84 @@
+"""Registers the FeatherFace model family with the engine."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import featherface
+from compressor import hookimpl
+from compressor.errors import UsageError
+from compressor.family import ModelFamily
+from featherface.model import COMPONENTS
+from featherface.original import CheckpointError, read_state_dict, translate_key
+from featherface.preprocess import to_network_input
+from featherface.spec import SpecError
+
+STRIDE = 32
+
+
+class FeatherFaceFamily(ModelFamily):
+    name = "featherface"
+    description = "FeatherFace face detector (MobileNetV1-0.25, CBAM, BiFPN, DCN SSH); 592,371 parameters"
+    components = ("backbone", "cbam", "bifpn", "ssh", "channel_shuffle", "heads")
+
+    def baseline(self) -> nn.Module:
+        return featherface.featherface_baseline()
+
+    def build(self, spec: dict[str, Any]) -> nn.Module:
+        try:
+            return featherface.from_spec(spec)
+        except SpecError as err:
+            raise UsageError(f"architecture spec: {err}") from err
+
+    def spec_of(self, model: nn.Module) -> dict[str, Any]:
+        return featherface.to_spec(model)
+
+    def component_of(self, parameter_name: str) -> str:
+        return COMPONENTS.get(parameter_name.split(".", 1)[0], "other")
+
+    def load_native(self, content: object, source: str) -> nn.Module | None:
+        if not _looks_original(content):
+            return None
+        try:
+            return featherface.load_original_checkpoint(read_state_dict(content))  # type: ignore[arg-type]
+        except CheckpointError as err:
+            raise UsageError(f"{source}: {err}") from err
+
+    def check_input_size(self, height: int, width: int) -> None:
+        if height <= 0 or width <= 0 or height % STRIDE or width % STRIDE:
+            raise UsageError(f"input size {height}x{width}: both sides must be positive multiples of {STRIDE}")
+
+    def example_input(self, height: int, width: int, batch_size: int = 2, seed: int = 0) -> Tensor:
+        # Smooth, image-like content (upsampled noise in 0..255) rather than white
+        # noise, so attention and BN statistics see something like real pixels.
+        generator = torch.Generator().manual_seed(seed)
+        coarse = torch.rand(batch_size, 3, max(height // 8, 1), max(width // 8, 1), generator=generator) * 255
+        image = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+        return to_network_input(image)
+
+
+def _looks_original(content: object) -> bool:
+    """True when some key of the state_dict is one of the original implementation's names."""
+    if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
+        content = content["state_dict"]
+    if not isinstance(content, Mapping):
+        return False
+    keys = [k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k for k in content]
+    # Body, SSH and head names are shared with RetinaFace-style detectors; the
+    # CBAM and BiFPN names are FeatherFace's own.
+    return any(isinstance(k, str) and k.startswith(_DISTINCTIVE) and translate_key(k) is not None for k in keys)
+
+
+_DISTINCTIVE = ("bifpn.", "bacbkbone_", "bif_cbam_")
+
+
+FAMILY = FeatherFaceFamily()
+
+
+@hookimpl
+def compressor_models() -> list[ModelFamily]:
+    return [FAMILY]
