@@ -7,11 +7,35 @@ The public API::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import pluggy
 
 hookimpl = pluggy.HookimplMarker("compressor")
 
-from .checkpoint import load_model  # noqa: E402
-from .passes import Pass, PassContext  # noqa: E402
+# The rest is imported on first use: the pytest plugin imports this package in
+# every pytest session of anyone who installed it, and torch is slow to import.
+_LAZY = {
+    "Pass": ".passes",
+    "PassContext": ".passes",
+    "load_model": ".checkpoint",
+    "assert_budget": ".testing",
+}
 
-__all__ = ["Pass", "PassContext", "hookimpl", "load_model"]
+if TYPE_CHECKING:
+    from .checkpoint import load_model
+    from .passes import Pass, PassContext
+    from .testing import assert_budget
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'compressor' has no attribute {name!r}")
+
+
+__all__ = ["Pass", "PassContext", "assert_budget", "hookimpl", "load_model"]

@@ -8,9 +8,6 @@ it; no code is ever unpickled.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,55 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_write_bytes
 from .errors import UsageError
 from .family import ModelFamily
 from .plugins import Registry, load_registry
 
 FORMAT = "compressor.checkpoint/1"
 FINAL_NAME = "final.pt"
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write through ``write(file)`` into a temporary file, fsync, then rename over ``path``.
-
-    A crash or SIGKILL at any moment leaves either the old file or the new one,
-    never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def save_checkpoint(

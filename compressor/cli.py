@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -143,6 +144,106 @@ def inspect(model: str, input_size: str, latency_runs: int, threads: int, as_jso
         lat = result["latency"]
         click.echo(f"CPU latency: median {lat['median_ms']:.1f} ms over {lat['runs']} runs "
                    f"(after {lat['warmup']} warm-up), {lat['threads']} thread(s), batch 1")
+
+
+def _params_lines(params_model: type) -> list[str]:
+    lines = []
+    for name, field in params_model.model_fields.items():
+        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        doc = f"  {field.description}" if field.description else ""
+        lines.append(f"    {name}: {annotation} ({default}){doc}")
+    return lines
+
+
+@cli.command()
+@click.option("--plugin", "plugins", multiple=True, help="Also load this plugin (module path or .py file).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@handle_errors
+def passes(plugins: tuple[str, ...], as_json: bool) -> None:
+    """List every registered pass with its description and params."""
+    registry = collect(get_plugin_manager(plugins)) if plugins else registry_from(click.get_current_context())
+    if as_json:
+        click.echo(json.dumps({
+            name: {"summary": cls.summary(), "plugin": registry.pass_sources[name], "lossless": cls.lossless,
+                   "params": cls.Params.model_json_schema()}
+            for name, cls in sorted(registry.passes.items())
+        }, indent=2))
+        return
+    if not registry.passes:
+        click.echo("no passes registered")
+    for name, cls in sorted(registry.passes.items()):
+        click.echo(f"{name}  - {cls.summary()}  [{registry.pass_sources[name]}]")
+        click.echo("\n".join(_params_lines(cls.Params)) or "    (no params)")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@handle_errors
+def families(as_json: bool) -> None:
+    """List the registered model families."""
+    registry = registry_from(click.get_current_context())
+    if as_json:
+        click.echo(json.dumps({n: {"description": f.description, "components": list(f.components)}
+                               for n, f in registry.families.items()}, indent=2))
+        return
+    for name, family in registry.families.items():
+        click.echo(f"{name}  - {family.description}")
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of recipes (for editors' YAML completion)."""
+    from .recipe import Recipe
+
+    click.echo(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2))
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe field (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@handle_errors
+def validate(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Check a recipe without running it: keys, types, passes, params, files, budgets."""
+    from .plugins import load_registry
+    from .recipe import check_against_registry, load_recipe
+
+    parsed, _ = load_recipe(recipe, overrides)
+    registry = load_registry(parsed.plugins, base_dir=recipe.parent)
+    check_against_registry(parsed, registry, recipe)
+    registry.get_family(parsed.model.family).check_input_size(*parsed.input_size)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "stages": [s.label for s in parsed.stages]}))
+    else:
+        click.echo(f"{recipe}: ok ({len(parsed.stages)} stages: {', '.join(s.label for s in parsed.stages)})")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder (default: runs/<recipe name>).")
+@click.option("--resume", is_flag=True, help="Continue the run in the run folder after its last completed stage.")
+@click.option("--no-finetune", is_flag=True, help="Apply passes with structural and budget checks only (fast).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe field (repeatable).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON on stdout.")
+@handle_errors
+def run(recipe: Path, out_dir: Path | None, resume: bool, no_finetune: bool, overrides: tuple[str, ...],
+        device: str, quiet: bool, as_json: bool) -> None:
+    """Run a compression recipe: apply each stage's pass, validate, finetune, measure, checkpoint.
+
+    The run folder holds a checkpoint per stage, report.json / report.md / plots,
+    and final.pt.  Interrupted runs continue with --resume.
+    """
+    from .runner import RunOptions, run_recipe
+
+    options = RunOptions(out_dir=out_dir, resume=resume, finetune=not no_finetune, device=device,
+                         overrides=list(overrides), quiet=quiet)
+    report = run_recipe(recipe, options)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
 
 
 def main() -> None:

@@ -24,6 +24,12 @@ class ModelFamily(ABC):
     description: str = ""
     #: The accounting components, in display order; ``other`` is added by the engine.
     components: tuple[str, ...] = ()
+    #: (height, width) used when no input size is given.
+    default_input_size: tuple[int, int] = (640, 640)
+
+    @abstractmethod
+    def recognises(self, model: nn.Module) -> bool:
+        """True when ``model`` is one this family built (and can describe and count)."""
 
     @abstractmethod
     def baseline(self) -> nn.Module:

@@ -131,3 +131,14 @@ def collect(pm: pluggy.PluginManager) -> Registry:
 
 def load_registry(extra: list[str] | tuple[str, ...] = (), base_dir: Path | None = None) -> Registry:
     return collect(get_plugin_manager(extra, base_dir))
+
+
+def family_for(model: object, registry: Registry) -> ModelFamily:
+    """The registered family that built ``model``."""
+    for family in registry.families.values():
+        if family.recognises(model):  # type: ignore[arg-type]
+            return family
+    raise UsageError(
+        f"no registered model family recognises a {type(model).__name__} "
+        f"(families: {', '.join(registry.families) or 'none'})"
+    )

@@ -25,6 +25,9 @@ class FeatherFaceFamily(ModelFamily):
     description = "FeatherFace face detector (MobileNetV1-0.25, CBAM, BiFPN, DCN SSH); 592,371 parameters"
     components = ("backbone", "cbam", "bifpn", "ssh", "channel_shuffle", "heads")
 
+    def recognises(self, model: nn.Module) -> bool:
+        return isinstance(model, featherface.FeatherFace)
+
     def baseline(self) -> nn.Module:
         return featherface.featherface_baseline()
 

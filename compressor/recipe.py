@@ -1,0 +1,296 @@
+"""Recipes: the YAML a user writes, described and validated by pydantic models.
+
+Errors name the place: the field path (``stages[2].params.reduction_ratio``)
+and, where the YAML file has it, the line and column.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import Field
+
+from .budget import Budget
+from .errors import UsageError
+from .plugins import Registry
+
+
+class _Strict(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+
+class ModelSource(_Strict):
+    """Where the starting model comes from."""
+
+    family: str = Field("featherface", description="Registered model family (see `compress families`).")
+    checkpoint: Path | None = Field(
+        None,
+        description="Starting weights: a checkpoint of ours or one the family reads natively (relative to the recipe). "
+        "Without it the family's baseline architecture starts from random weights.",
+    )
+
+
+class DataConfig(_Strict):
+    """The dataset used for finetuning and evaluation."""
+
+    root: Path | None = Field(None, description="Dataset root in the RetinaFace label layout; empty: the embedded default.")
+
+
+class FinetuneConfig(_Strict):
+    """Finetuning after each stage (stages may override any field)."""
+
+    steps: pydantic.NonNegativeInt = Field(0, description="Optimiser steps per stage; 0 skips finetuning.")
+    lr: pydantic.PositiveFloat = Field(1e-3, description="Peak learning rate.")
+    batch_size: pydantic.PositiveInt = Field(8, description="Images per step.")
+    teacher: Literal["previous", "baseline", "none"] = Field(
+        "previous", description="Distil from the model before the stage, from the starting model, or not at all."
+    )
+
+
+class FinalBudget(Budget):
+    """The run's final targets."""
+
+    max_accuracy_drop: pydantic.NonNegativeFloat | None = Field(
+        None, description="Largest drop of the accuracy metric against the starting model, in metric units (e.g. 0.02 AP)."
+    )
+
+
+class Until(Budget):
+    """Repeat a stage's pass until these limits hold."""
+
+    max_repeats: pydantic.PositiveInt = Field(10, description="Give up (and fail the stage) after this many applications.")
+
+
+class Stage(_Strict):
+    """One compression pass, its params and its checks."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", populate_by_name=True)
+
+    pass_name: str = Field(alias="pass", description="Registered pass name (see `compress passes`).")
+    name: str | None = Field(None, description="Stage name in reports and checkpoints; defaults to the pass name.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The pass's params (see `compress passes`).")
+    finetune: dict[str, Any] | None = Field(None, description="Overrides of the top-level finetune settings.")
+    budget: Budget | None = Field(None, description="Limits checked right after the pass.")
+    until: Until | None = Field(None, description="Repeat the pass until these limits hold.")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.pass_name
+
+
+class Recipe(_Strict):
+    """A compression recipe."""
+
+    model: ModelSource = Field(default_factory=ModelSource)
+    input_size: tuple[pydantic.PositiveInt, pydantic.PositiveInt] = Field(
+        (640, 640), description="(height, width) for validation, MACs and drift; an int means square."
+    )
+    seed: int = Field(0, description="Seed for everything random in the run.")
+    plugins: list[str] = Field(default_factory=list, description="Extra plugins: dotted module paths or .py files.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    stages: list[Stage] = Field(default_factory=list)
+    budget: FinalBudget = Field(default_factory=FinalBudget)
+
+    @pydantic.field_validator("input_size", mode="before")
+    @classmethod
+    def _square(cls, value: Any) -> Any:
+        return (value, value) if isinstance(value, int) else value
+
+    @pydantic.model_validator(mode="after")
+    def _unique_stage_names(self) -> Recipe:
+        seen: set[str] = set()
+        for index, stage in enumerate(self.stages):
+            if stage.label in seen:
+                raise ValueError(f"stages[{index}]: stage name {stage.label!r} is used twice; give it a distinct `name`")
+            seen.add(stage.label)
+        return self
+
+    def finetune_for(self, stage: Stage) -> FinetuneConfig:
+        if not stage.finetune:
+            return self.finetune
+        return FinetuneConfig.model_validate({**self.finetune.model_dump(), **stage.finetune})
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, dict]:
+    """Read, override and validate a recipe file.  Returns the recipe and its raw data."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such recipe file")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise UsageError(f"{path}: {where}invalid YAML: {err.problem}") from err
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: a recipe is a mapping of keys (model, stages, ...), not a {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override)
+    recipe = validate_data(raw, path, text if not overrides else None)
+    return recipe, raw
+
+
+def validate_data(raw: dict, path: Path, text: str | None = None) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except pydantic.ValidationError as err:
+        raise UsageError(f"{path}: " + describe_validation_error(err, text)) from err
+    base = path.parent
+    if recipe.model.checkpoint is not None and not recipe.model.checkpoint.is_absolute():
+        recipe.model.checkpoint = base / recipe.model.checkpoint
+    if recipe.data.root is not None and not recipe.data.root.is_absolute():
+        recipe.data.root = base / recipe.data.root
+    return recipe
+
+
+def describe_validation_error(err: pydantic.ValidationError, text: str | None = None, prefix: tuple = ()) -> str:
+    """One line per problem: ``field.path: message`` (with the YAML line when known)."""
+    lines = []
+    for problem in err.errors():
+        loc = prefix + tuple(problem["loc"])
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key" + _key_suggestion(loc, problem)
+        where = _line_of(text, loc) if text else ""
+        lines.append(f"{format_path(loc)}{where}: {message}")
+    return "; ".join(lines)
+
+
+def _key_suggestion(loc: tuple, problem: dict) -> str:
+    """' (did you mean x?)' for a misspelt key of a recipe model."""
+    model = _model_at(loc[:-1])
+    if model is None:
+        return ""
+    names = [f.alias or n for n, f in model.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return f" (did you mean {close[0]}?)" if close else f" (allowed: {', '.join(names)})"
+
+
+def _model_at(loc: tuple) -> type[pydantic.BaseModel] | None:
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        field = fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, pydantic.BaseModel)), None)
+        if model is None:
+            inner = [a for c in candidates for a in getattr(c, "__args__", ())]
+            model = next((c for c in inner if isinstance(c, type) and issubclass(c, pydantic.BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def format_path(loc: tuple) -> str:
+    """('stages', 2, 'params', 'x') -> 'stages[2].params.x'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "recipe"
+
+
+def _line_of(text: str, loc: tuple) -> str:
+    """' (line N)' for the YAML node at ``loc``, or '' when it cannot be found."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return ""
+    found = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                break
+            found, node = match[0], match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            found = node
+        else:
+            break
+    if found is None:
+        return ""
+    return f" (line {found.start_mark.line + 1})"
+
+
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply ``key.path=value`` (value parsed as YAML) to the raw recipe data."""
+    if "=" not in override:
+        raise UsageError(f"--set {override!r}: expected key.path=value")
+    key, value_text = override.split("=", 1)
+    parts = [m[1] if m[1] is not None else int(m[2]) for m in _PATH_PART.finditer(key.strip())]
+    parts = [int(p) if isinstance(p, str) and p.isdigit() else p for p in parts]
+    if not parts:
+        raise UsageError(f"--set {override!r}: empty key path")
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError as err:
+        raise UsageError(f"--set {override!r}: value is not valid YAML") from err
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        try:
+            node = node[part] if isinstance(part, int) else node.setdefault(part, {})
+        except (IndexError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"--set {override!r}: {format_path(tuple(parts[: depth + 1]))} does not exist") from None
+    last = parts[-1]
+    try:
+        node[last] = value
+    except (IndexError, TypeError):
+        raise UsageError(f"--set {override!r}: {format_path(tuple(parts))} does not exist") from None
+
+
+# ------------------------------------------------------- checks against plugins
+
+
+def check_against_registry(recipe: Recipe, registry: Registry, path: Path) -> list[pydantic.BaseModel]:
+    """Resolve every stage's pass and validate its params; returns the params objects."""
+    registry.get_family(recipe.model.family, where=f"{path}: model.family: ")
+    if recipe.model.checkpoint is not None and not recipe.model.checkpoint.exists():
+        raise UsageError(f"{path}: model.checkpoint: no such file: {recipe.model.checkpoint}")
+    if recipe.data.root is not None and not recipe.data.root.is_dir():
+        raise UsageError(f"{path}: data.root: no such folder: {recipe.data.root}")
+    _check_budget_components(recipe, registry.get_family(recipe.model.family).components, path)
+    params = []
+    for index, stage in enumerate(recipe.stages):
+        where = f"{path}: stages[{index}].pass: "
+        pass_cls = registry.get_pass(stage.pass_name, where=where)
+        try:
+            params.append(pass_cls.Params.model_validate(stage.params))
+        except pydantic.ValidationError as err:
+            raise UsageError(f"{path}: " + describe_validation_error(err, None, ("stages", index, "params"))) from err
+    return params
+
+
+def _check_budget_components(recipe: Recipe, components: tuple[str, ...], path: Path) -> None:
+    """Budgets may only name components the family counts (``other`` included)."""
+    known = (*components, "other")
+    budgets: list[tuple[str, Budget | None]] = [("budget", recipe.budget)]
+    for index, stage in enumerate(recipe.stages):
+        budgets += [(f"stages[{index}].budget", stage.budget), (f"stages[{index}].until", stage.until)]
+    for where, budget in budgets:
+        for name in budget.components if budget else ():
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]}?" if close else f"components: {', '.join(known)}"
+                raise UsageError(f"{path}: {where}.components.{name}: no such component ({hint})")
