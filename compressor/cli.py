@@ -246,5 +246,31 @@ def run(recipe: Path, out_dir: Path | None, resume: bool, no_finetune: bool, ove
         click.echo(json.dumps(report, indent=2))
 
 
+@cli.command("train")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: runs/<recipe name>).")
+@click.option("--resume", is_flag=True, help="Continue from the folder's last checkpoint.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe field (repeatable).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--no-eval", is_flag=True, help="Skip the evaluation at the end.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the training report as JSON on stdout.")
+@handle_errors
+def train_command(recipe: Path, out_dir: Path | None, resume: bool, overrides: tuple[str, ...], device: str,
+                  no_eval: bool, quiet: bool, as_json: bool) -> None:
+    """Train a model from a training recipe (model, data, train settings).
+
+    Writes last.pt (resumable, every train.checkpoint_every steps), final.pt and
+    train_report.json into the output folder.
+    """
+    from .train_run import TrainOptions, train_recipe
+
+    report = train_recipe(recipe, TrainOptions(out_dir=out_dir, resume=resume, device=device,
+                                               overrides=list(overrides), quiet=quiet, evaluate=not no_eval))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+
+
 def main() -> None:
     cli()

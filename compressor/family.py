@@ -9,6 +9,8 @@ models only through it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,3 +65,31 @@ class ModelFamily(ABC):
         """A fixed, image-like batch for validation and drift measurement."""
         generator = torch.Generator().manual_seed(seed)
         return torch.randn(batch_size, 3, height, width, generator=generator)
+
+    # ------------------------------------------------------------ training and measuring
+    # Optional: a family without them can still be compressed with --no-finetune,
+    # and its runs record finetuning and evaluation as unavailable.
+
+    supports_training: bool = False
+
+    def load_pretrained(self, model: nn.Module, path: Path) -> None:
+        """Initialise part of ``model`` from a pretrained checkpoint (e.g. an ImageNet backbone)."""
+        raise NotImplementedError(f"model family {self.name} has no pretrained initialisation")
+
+    def training_batches(self, data_root: Path | None, input_size: tuple[int, int], batch_size: int, seed: int,
+                         rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> Iterator:
+        """Endless ``(inputs, targets)`` batches of augmented training data for this process."""
+        raise NotImplementedError
+
+    def task_loss(self, outputs: Any, targets: Any, input_size: tuple[int, int]) -> dict[str, Tensor]:
+        """The supervised loss; ``"loss"`` is the total to minimise."""
+        raise NotImplementedError
+
+    def distillation_loss(self, student_outputs: Any, teacher_outputs: Any, temperature: float) -> dict[str, Tensor]:
+        """The loss that pulls a student's outputs towards a teacher's; ``"loss"`` is the total."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, data_root: Path | None, input_size: tuple[int, int],
+                 device: torch.device | None = None) -> dict[str, float]:
+        """Accuracy metrics on the validation data; the first is the one budgets and plots use."""
+        raise NotImplementedError

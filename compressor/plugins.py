@@ -27,6 +27,7 @@ from .passes import Pass
 # imported lazily, never special-cased anywhere else.
 DEFAULT_PLUGINS = (
     "plugins.featherface_family",
+    "plugins.prune",
 )
 
 ENTRY_POINT_GROUP = "compressor"

@@ -33,6 +33,9 @@ class ModelSource(_Strict):
         description="Starting weights: a checkpoint of ours or one the family reads natively (relative to the recipe). "
         "Without it the family's baseline architecture starts from random weights.",
     )
+    pretrained: Path | None = Field(
+        None, description="Without a checkpoint: initialise what the family can from this file (e.g. an ImageNet backbone)."
+    )
 
 
 class DataConfig(_Strict):
@@ -41,15 +44,28 @@ class DataConfig(_Strict):
     root: Path | None = Field(None, description="Dataset root in the RetinaFace label layout; empty: the embedded default.")
 
 
-class FinetuneConfig(_Strict):
-    """Finetuning after each stage (stages may override any field)."""
+class TrainConfig(_Strict):
+    """Training settings, for `compress train` and for the finetuning after each stage."""
 
-    steps: pydantic.NonNegativeInt = Field(0, description="Optimiser steps per stage; 0 skips finetuning.")
+    steps: pydantic.NonNegativeInt = Field(0, description="Optimiser steps; 0 skips training.")
     lr: pydantic.PositiveFloat = Field(1e-3, description="Peak learning rate.")
-    batch_size: pydantic.PositiveInt = Field(8, description="Images per step.")
+    batch_size: pydantic.PositiveInt = Field(8, description="Images per step (per process under torchrun).")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with momentum.")
+    weight_decay: pydantic.NonNegativeFloat = Field(5e-4, description="Decoupled (AdamW) or L2 (SGD) weight decay.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    warmup_steps: pydantic.NonNegativeInt = Field(0, description="Linear warm-up from 0 to lr over these steps.")
+    schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="Decay after warm-up.")
+    milestones: list[float] = Field([0.6, 0.85], description="For schedule: step, fractions of steps where lr *= gamma.")
+    gamma: float = Field(0.1, gt=0, le=1, description="For schedule: step, the decay factor.")
+    grad_clip: pydantic.PositiveFloat | None = Field(10.0, description="Clip the gradient norm to this; empty: no clipping.")
     teacher: Literal["previous", "baseline", "none"] = Field(
         "previous", description="Distil from the model before the stage, from the starting model, or not at all."
     )
+    distill_weight: pydantic.NonNegativeFloat = Field(1.0, description="Weight of the distillation loss.")
+    task_weight: pydantic.NonNegativeFloat = Field(1.0, description="Weight of the task (ground-truth) loss.")
+    temperature: pydantic.PositiveFloat = Field(2.0, description="Distillation temperature for class logits.")
+    amp: bool = Field(True, description="Mixed precision (CUDA only; ignored on the CPU).")
+    checkpoint_every: pydantic.PositiveInt = Field(100, description="`compress train`: save a resumable checkpoint this often.")
 
 
 class FinalBudget(Budget):
@@ -83,24 +99,35 @@ class Stage(_Strict):
         return self.name or self.pass_name
 
 
-class Recipe(_Strict):
-    """A compression recipe."""
+class _RunSettings(_Strict):
+    """What compression and training recipes share."""
 
     model: ModelSource = Field(default_factory=ModelSource)
     input_size: tuple[pydantic.PositiveInt, pydantic.PositiveInt] = Field(
-        (640, 640), description="(height, width) for validation, MACs and drift; an int means square."
+        (640, 640), description="(height, width) for training, validation, MACs and drift; an int means square."
     )
     seed: int = Field(0, description="Seed for everything random in the run.")
     plugins: list[str] = Field(default_factory=list, description="Extra plugins: dotted module paths or .py files.")
     data: DataConfig = Field(default_factory=DataConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    stages: list[Stage] = Field(default_factory=list)
-    budget: FinalBudget = Field(default_factory=FinalBudget)
 
     @pydantic.field_validator("input_size", mode="before")
     @classmethod
     def _square(cls, value: Any) -> Any:
         return (value, value) if isinstance(value, int) else value
+
+
+class TrainRecipe(_RunSettings):
+    """A training recipe (`compress train`): a model, data and training settings."""
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class Recipe(_RunSettings):
+    """A compression recipe."""
+
+    finetune: TrainConfig = Field(default_factory=TrainConfig)
+    stages: list[Stage] = Field(default_factory=list)
+    budget: FinalBudget = Field(default_factory=FinalBudget)
 
     @pydantic.model_validator(mode="after")
     def _unique_stage_names(self) -> Recipe:
@@ -111,16 +138,17 @@ class Recipe(_Strict):
             seen.add(stage.label)
         return self
 
-    def finetune_for(self, stage: Stage) -> FinetuneConfig:
+    def finetune_for(self, stage: Stage) -> TrainConfig:
         if not stage.finetune:
             return self.finetune
-        return FinetuneConfig.model_validate({**self.finetune.model_dump(), **stage.finetune})
+        return TrainConfig.model_validate({**self.finetune.model_dump(), **stage.finetune})
 
 
 # ---------------------------------------------------------------- loading
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, dict]:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                kind: type[_RunSettings] = Recipe) -> tuple[Any, dict]:
     """Read, override and validate a recipe file.  Returns the recipe and its raw data."""
     path = Path(path)
     if not path.is_file():
@@ -137,18 +165,20 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise UsageError(f"{path}: a recipe is a mapping of keys (model, stages, ...), not a {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override)
-    recipe = validate_data(raw, path, text if not overrides else None)
+    recipe = validate_data(raw, path, text if not overrides else None, kind)
     return recipe, raw
 
 
-def validate_data(raw: dict, path: Path, text: str | None = None) -> Recipe:
+def validate_data(raw: dict, path: Path, text: str | None = None, kind: type[_RunSettings] = Recipe) -> Any:
     try:
-        recipe = Recipe.model_validate(raw)
+        recipe = kind.model_validate(raw)
     except pydantic.ValidationError as err:
         raise UsageError(f"{path}: " + describe_validation_error(err, text)) from err
     base = path.parent
-    if recipe.model.checkpoint is not None and not recipe.model.checkpoint.is_absolute():
-        recipe.model.checkpoint = base / recipe.model.checkpoint
+    for field_name in ("checkpoint", "pretrained"):
+        value = getattr(recipe.model, field_name)
+        if value is not None and not value.is_absolute():
+            setattr(recipe.model, field_name, base / value)
     if recipe.data.root is not None and not recipe.data.root.is_absolute():
         recipe.data.root = base / recipe.data.root
     return recipe
@@ -263,13 +293,25 @@ def apply_override(raw: dict, override: str) -> None:
 # ------------------------------------------------------- checks against plugins
 
 
-def check_against_registry(recipe: Recipe, registry: Registry, path: Path) -> list[pydantic.BaseModel]:
-    """Resolve every stage's pass and validate its params; returns the params objects."""
+def check_sources(recipe: _RunSettings, registry: Registry, path: Path) -> None:
+    """The family exists and every file or folder the recipe names is there."""
     registry.get_family(recipe.model.family, where=f"{path}: model.family: ")
-    if recipe.model.checkpoint is not None and not recipe.model.checkpoint.exists():
-        raise UsageError(f"{path}: model.checkpoint: no such file: {recipe.model.checkpoint}")
+    for field_name in ("checkpoint", "pretrained"):
+        value = getattr(recipe.model, field_name)
+        if value is not None and not value.exists():
+            raise UsageError(f"{path}: model.{field_name}: no such file: {value}")
     if recipe.data.root is not None and not recipe.data.root.is_dir():
         raise UsageError(f"{path}: data.root: no such folder: {recipe.data.root}")
+
+
+def check_against_registry(recipe: Recipe, registry: Registry, path: Path) -> list[pydantic.BaseModel]:
+    """Resolve every stage's pass and validate its params; returns the params objects."""
+    check_sources(recipe, registry, path)
+    for index, stage in enumerate(recipe.stages):
+        try:
+            recipe.finetune_for(stage)
+        except pydantic.ValidationError as err:
+            raise UsageError(f"{path}: " + describe_validation_error(err, None, ("stages", index, "finetune"))) from err
     _check_budget_components(recipe, registry.get_family(recipe.model.family).components, path)
     params = []
     for index, stage in enumerate(recipe.stages):

@@ -28,6 +28,7 @@ from .plugins import Registry, load_registry
 from .progress import Progress
 from .recipe import Recipe, Stage, check_against_registry, load_recipe
 from .report import write_report
+from .train import distributed, init_distributed, is_main_process, train
 from .validate import contract_violations, forward_eval, non_finite_outputs, output_contract, output_drift
 
 CHECKPOINT_DIR = "checkpoints"
@@ -89,31 +90,32 @@ def run_recipe(recipe_path: str | Path, options: RunOptions) -> dict:
     family.check_input_size(*recipe.input_size)
     device = _device(options.device)
     out_dir = options.out_dir or default_out_dir(recipe_path)
-    progress = Progress(options.quiet)
+    init_distributed(device)
+    progress = Progress(options.quiet or not is_main_process())
 
-    previous = _read_previous_report(out_dir)
+    previous = _read_previous_report(out_dir) if is_main_process() or options.resume else None
     if previous is not None and not options.resume:
         raise UsageError(f"{out_dir}: already holds a run; use --resume to continue it, or --out for a new folder")
     if previous is not None and previous.get("recipe") != _recipe_record(recipe, raw):
         raise UsageError(f"{out_dir}: the recipe differs from the one this run started with; start a new run with --out")
 
     seed_everything(recipe.seed)
-    starting_model = _starting_model(recipe, family, registry).to(device)
+    first_model = starting_model(recipe, family, registry).to(device)
     height, width = recipe.input_size
     ctx = RunContext(
         recipe=recipe, raw=raw, family=family, registry=registry, out_dir=out_dir, device=device,
         example=family.example_input(height, width, batch_size=2, seed=recipe.seed).to(device),
-        progress=progress, finetune=options.finetune, starting_model=starting_model,
+        progress=progress, finetune=options.finetune, starting_model=first_model,
     )
-    ctx.contract = output_contract(forward_eval(starting_model, ctx.example))
+    ctx.contract = output_contract(forward_eval(first_model, ctx.example))
 
     if previous is not None:
         ctx.report = previous
         model = _resume_model(ctx)
     else:
         ctx.report = _new_report(ctx)
-        model = copy.deepcopy(starting_model)
-        write_report(out_dir, ctx.report)
+        model = copy.deepcopy(first_model)
+        _write(ctx)
 
     if ctx.report.get("final") is not None and (out_dir / FINAL_NAME).is_file():
         progress.echo(f"{out_dir}: run already complete; nothing to do")
@@ -135,9 +137,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _starting_model(recipe: Recipe, family: ModelFamily, registry: Registry) -> nn.Module:
+def starting_model(recipe: Any, family: ModelFamily, registry: Registry) -> nn.Module:
+    """The model a recipe starts from: its checkpoint, or the family's baseline (optionally pretrained)."""
     if recipe.model.checkpoint is None:
-        return family.baseline().eval()
+        model = family.baseline()
+        if recipe.model.pretrained is not None:
+            family.load_pretrained(model, recipe.model.pretrained)
+        return model.eval()
     loaded = open_model(recipe.model.checkpoint, registry)
     if loaded.family is not family:
         raise UsageError(
@@ -154,7 +160,7 @@ def _recipe_record(recipe: Recipe, raw: dict) -> dict:
 def _new_report(ctx: RunContext) -> dict:
     height, width = ctx.recipe.input_size
     baseline = measure(ctx.starting_model, ctx.family, height, width, ctx.device)
-    baseline["metrics"] = {}
+    baseline["metrics"] = _evaluate(ctx, ctx.starting_model)
     return {
         "recipe": _recipe_record(ctx.recipe, ctx.raw),
         "baseline": baseline,
@@ -173,6 +179,12 @@ def _read_previous_report(out_dir: Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UsageError(f"{path}: unreadable run report ({err.msg}); start a new run with --out") from err
+
+
+def _write(ctx: RunContext) -> None:
+    """Reports are written by one process only (rank 0 under torchrun)."""
+    if is_main_process():
+        write_report(ctx.out_dir, ctx.report)
 
 
 def _stage_done(report: dict, index: int) -> bool:
@@ -203,20 +215,21 @@ def _run_stage(ctx: RunContext, index: int, stage: Stage, params: Any, model: nn
         new_model, repeats = _apply(ctx, where, stage, params, model)
         _validate(ctx, where, stage, new_model)
         drift = output_drift(forward_eval(model, ctx.example), forward_eval(new_model, ctx.example))
-        record.update(finetune=_finetune(ctx, stage, new_model))
+        record.update(finetune=_finetune(ctx, index, stage, model, new_model))
         height, width = ctx.recipe.input_size
         record.update(measure(new_model, ctx.family, height, width, ctx.device))
-        record.update(status="ok", output_drift=drift, metrics={}, repeats=repeats, message=None,
-                      seconds=round(time.monotonic() - started, 3))
+        record.update(status="ok", output_drift=drift, metrics=_evaluate(ctx, new_model), repeats=repeats,
+                      message=None, seconds=round(time.monotonic() - started, 3))
     except (CheckFailed, UsageError) as err:
         record.update(status="failed", message=str(err), seconds=round(time.monotonic() - started, 3))
-        write_report(ctx.out_dir, ctx.report)
+        _write(ctx)
         raise
     passes = [{"stage": s["name"], "pass": s["pass"], "params": ctx.report["recipe"]["stages"][i]["params"]}
               for i, s in enumerate(ctx.report["stages"][:index])]
-    save_checkpoint(_checkpoint_path(ctx.out_dir, index, stage.label), new_model, ctx.family,
-                    recipe=ctx.report["recipe"], passes=passes, extra={"stage": index})
-    write_report(ctx.out_dir, ctx.report)
+    if is_main_process():
+        save_checkpoint(_checkpoint_path(ctx.out_dir, index, stage.label), new_model, ctx.family,
+                        recipe=ctx.report["recipe"], passes=passes, extra={"stage": index})
+    _write(ctx)
     ctx.progress.echo(
         f"    ok: {record['params']['total']:,} parameters, drift {record['output_drift']:.3g}, "
         f"{record['seconds']:.1f}s"
@@ -288,30 +301,60 @@ def _validate(ctx: RunContext, where: str, stage: Stage, model: nn.Module) -> No
             raise CheckFailed(f"{where}: " + "; ".join(str(o) for o in over))
 
 
-def _finetune(ctx: RunContext, stage: Stage, model: nn.Module) -> str | dict:
-    """Finetuning is not available yet: recorded as skipped, with the reason."""
+def _finetune(ctx: RunContext, index: int, stage: Stage, before: nn.Module, model: nn.Module) -> str | dict:
+    """Finetune ``model`` in place with distillation, as the recipe says; returns the record."""
     settings = ctx.recipe.finetune_for(stage)
     if not ctx.finetune:
         return "skipped (--no-finetune)"
     if settings.steps == 0:
         return "skipped (finetune.steps is 0)"
-    return "skipped (no training loop for this family yet)"
+    if not ctx.family.supports_training:
+        return f"skipped (model family {ctx.family.name} has no training support)"
+    teacher = {"previous": before, "baseline": ctx.starting_model, "none": None}[settings.teacher]
+    rank, world = distributed()
+    batches = ctx.family.training_batches(ctx.recipe.data.root, ctx.recipe.input_size, settings.batch_size,
+                                          ctx.recipe.seed + index, rank, world, ctx.device)
+    result = train(model, ctx.family, settings, batches, device=ctx.device,
+                   teacher=copy.deepcopy(teacher) if teacher is not None else None,
+                   progress=ctx.progress, where=f"stage {index} ({stage.label}): finetune")
+    return {"steps": result.steps, "seconds": result.seconds, "teacher": settings.teacher,
+            "first_loss": result.first_loss, "last_loss": result.last_loss}
+
+
+def _evaluate(ctx: RunContext, model: nn.Module) -> dict[str, float]:
+    """Accuracy metrics, when evaluation is on (not with --no-finetune) and the family has it."""
+    if not ctx.finetune or not ctx.family.supports_training or not is_main_process():
+        return {}
+    return ctx.family.evaluate(model, ctx.recipe.data.root, ctx.recipe.input_size, ctx.device)
 
 
 def _finish(ctx: RunContext, model: nn.Module) -> dict:
     height, width = ctx.recipe.input_size
     final = measure(model, ctx.family, height, width, ctx.device)
-    final["metrics"] = {}
-    over = check_budget(
+    done = [s for s in ctx.report["stages"] if s.get("status") == "ok"]
+    final["metrics"] = dict(done[-1]["metrics"]) if done else dict(ctx.report["baseline"]["metrics"])
+    over = [str(o) for o in check_budget(
         accounting.ParameterCount(final["params"]["total"], final["params"]["components"]),
         final["macs"], ctx.recipe.budget,
-    ) if not ctx.recipe.budget.is_empty() else []
+    )]
+    drop = _accuracy_drop(ctx.report["baseline"]["metrics"], final["metrics"])
+    limit = ctx.recipe.budget.max_accuracy_drop
+    if limit is not None and drop is not None and drop > limit:
+        over.append(f"accuracy drop {drop:.4f} > budget {limit:.4f} (+{drop - limit:.4f})")
     ctx.report["final"] = final
-    ctx.report["budget_check"] = {"ok": not over, "overshoots": [str(o) for o in over]}
-    write_report(ctx.out_dir, ctx.report)
+    ctx.report["budget_check"] = {"ok": not over, "overshoots": over, "accuracy_drop": drop}
+    _write(ctx)
     if over:
-        raise CheckFailed("final budget: " + "; ".join(str(o) for o in over))
-    save_checkpoint(ctx.out_dir / FINAL_NAME, model, ctx.family, recipe=ctx.report["recipe"],
-                    passes=[{"stage": s["name"], "pass": s["pass"]} for s in ctx.report["stages"]])
+        raise CheckFailed("final budget: " + "; ".join(over))
+    if is_main_process():
+        save_checkpoint(ctx.out_dir / FINAL_NAME, model, ctx.family, recipe=ctx.report["recipe"],
+                        passes=[{"stage": s["name"], "pass": s["pass"]} for s in ctx.report["stages"]],
+                        extra={"metrics": final["metrics"]})
     ctx.progress.echo(f"done: {final['params']['total']:,} parameters -> {ctx.out_dir / FINAL_NAME}")
     return ctx.report
+
+
+def _accuracy_drop(before: dict, after: dict) -> float | None:
+    """Drop of the first metric both have (the family's headline metric comes first)."""
+    common = [name for name in before if name in after]
+    return before[common[0]] - after[common[0]] if common else None

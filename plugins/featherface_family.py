@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +14,8 @@ from compressor import hookimpl
 from compressor.errors import UsageError
 from compressor.family import ModelFamily
 from featherface.model import COMPONENTS
-from featherface.original import CheckpointError, read_state_dict, translate_key
+from featherface import training
+from featherface.original import CheckpointError, load_pretrained_backbone, read_state_dict, translate_key
 from featherface.preprocess import to_network_input
 from featherface.spec import SpecError
 
@@ -62,6 +64,34 @@ class FeatherFaceFamily(ModelFamily):
         coarse = torch.rand(batch_size, 3, max(height // 8, 1), max(width // 8, 1), generator=generator) * 255
         image = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
         return to_network_input(image)
+
+    supports_training = True
+
+    def load_pretrained(self, model: nn.Module, path: Path) -> None:
+        try:
+            load_pretrained_backbone(model.backbone, path)
+        except CheckpointError as err:
+            raise UsageError(str(err)) from err
+
+    def training_batches(self, data_root: Path | None, input_size: tuple[int, int], batch_size: int, seed: int,
+                         rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> Iterator:
+        return training.training_batches(data_root, _square(input_size), batch_size, seed, rank, world_size,
+                                         device or "cpu")
+
+    def task_loss(self, outputs: Any, targets: Any, input_size: tuple[int, int]) -> dict[str, Tensor]:
+        return training.task_loss(outputs, targets, input_size)
+
+    def distillation_loss(self, student_outputs: Any, teacher_outputs: Any, temperature: float) -> dict[str, Tensor]:
+        return training.distillation_loss(student_outputs, teacher_outputs, temperature)
+
+    def evaluate(self, model: nn.Module, data_root: Path | None, input_size: tuple[int, int],
+                 device: torch.device | None = None) -> dict[str, float]:
+        return training.evaluate_ap(model, data_root, _square(input_size), device or "cpu")
+
+
+def _square(input_size: tuple[int, int]) -> int:
+    """Training and evaluation resize to squares; a non-square recipe size uses its longer side."""
+    return max(input_size)
 
 
 def _looks_original(content: object) -> bool:

@@ -26,7 +26,8 @@ def recipe(tmp_path: Path, stages: str, extra: str = "") -> Path:
 
 
 def run(*args: str):
-    return CliRunner().invoke(cli, ["run", "--quiet", *args], catch_exceptions=False)
+    """Structural runs: --no-finetune skips training and evaluation (tests/test_finetune.py covers those)."""
+    return CliRunner().invoke(cli, ["run", "--quiet", "--no-finetune", *args], catch_exceptions=False)
 
 
 STAGES = (
@@ -52,7 +53,7 @@ def test_end_to_end_with_third_party_pass(tmp_path):
     assert narrow["repeats"] == 2 and narrow["params"]["components"]["ssh"] <= 160_000
     assert sum(narrow["params"]["components"].values()) == narrow["params"]["total"]
     assert report["final"]["params"]["total"] == narrow["params"]["total"]
-    assert identity["finetune"].startswith("skipped")
+    assert identity["finetune"] == "skipped (--no-finetune)"
     for name in ("report.md", "final.pt", "plots/params_by_component.png", "plots/params_vs_accuracy.png"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
@@ -115,7 +116,7 @@ def test_params_that_cannot_apply_fail_before_any_work(tmp_path):
 
 def test_overrides_on_run(tmp_path):
     out = tmp_path / "run"
-    result = run(str(recipe(tmp_path, STAGES)), "--out", str(out), "--set", "stages[0].params.factor=1.0", "--no-finetune")
+    result = run(str(recipe(tmp_path, STAGES)), "--out", str(out), "--set", "stages[0].params.factor=1.0")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["stages"][0]["params"]["factor"] == 1.0
@@ -131,7 +132,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     stages = "  - pass: scale_heads\n    params: {factor: 0.5}\n  - pass: sleep\n  - pass: plain_ssh\n"
     path = recipe(tmp_path, stages)
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "compressor", "run", str(path), "--out", str(out), "--quiet"]
+    command = [sys.executable, "-m", "compressor", "run", str(path), "--out", str(out), "--quiet", "--no-finetune"]
     process = subprocess.Popen(command, env={**os.environ, "TOY_SLEEP_SECONDS": "60"},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = out / "checkpoints" / "stage-01-scale_heads.pt"

@@ -1,0 +1,96 @@
+"""What training and measuring a FeatherFace needs: batches, losses, AP on a validation set.
+
+Kept free of the engine so it can be used on its own; the family plugin hands
+these to the engine's training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .data import EvalTransform, FaceDataset, TrainTransform, collate, ensure_embedded_dataset
+from .detect import detect
+from .evaluation import average_precision
+from .loss import DistillationLoss, MultiBoxLoss
+from .priors import make_priors
+
+Batch = tuple[Tensor, list[dict[str, Tensor]]]
+
+
+def resolve_root(root: Path | None) -> Path:
+    """The dataset root: the given one, or the embedded default (generated on first use)."""
+    return Path(root) if root is not None else ensure_embedded_dataset()
+
+
+def training_batches(
+    root: Path | None,
+    size: int,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> Iterator[Batch]:
+    """Endless augmented batches; each epoch a fresh seeded permutation, split across ranks.
+
+    Every rank draws the same permutation and takes its own stride of it, so
+    ranks see disjoint images without a sampler object to keep in sync.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+    dataset = FaceDataset(resolve_root(root), "train", TrainTransform(size, generator=generator))
+    if len(dataset) < batch_size * world_size:
+        raise ValueError(f"{dataset.root}: {len(dataset)} training images are fewer than one batch on every process")
+    epoch = 0
+    while True:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
+        mine = order[rank::world_size]
+        for start in range(0, len(mine) - batch_size + 1, batch_size):
+            images, targets = collate([dataset[int(i)] for i in mine[start:start + batch_size]])
+            yield images.to(device), [{k: v.to(device) for k, v in t.items()} for t in targets]
+        epoch += 1
+
+
+@lru_cache(maxsize=8)
+def _priors(height: int, width: int) -> Tensor:
+    return make_priors((height, width))
+
+
+_MULTIBOX = MultiBoxLoss()
+
+
+def task_loss(outputs: tuple[Tensor, Tensor, Tensor], targets: list[dict[str, Tensor]],
+              input_size: tuple[int, int]) -> dict[str, Tensor]:
+    """The RetinaFace multibox loss against ground truth."""
+    priors = _priors(*input_size).to(outputs[0].device)
+    return _MULTIBOX(outputs, targets, priors)
+
+
+def distillation_loss(student: tuple[Tensor, Tensor, Tensor], teacher: tuple[Tensor, Tensor, Tensor],
+                      temperature: float) -> dict[str, Tensor]:
+    return DistillationLoss(temperature=temperature)(student, teacher)
+
+
+@torch.no_grad()
+def evaluate_ap(model: nn.Module, root: Path | None, size: int, device: torch.device | str = "cpu",
+                batch_size: int = 8, limit: int | None = None) -> dict[str, float]:
+    """AP at IoU 0.5 on the validation split (the WIDER FACE protocol's code, one setting)."""
+    dataset = FaceDataset(resolve_root(root), "val", EvalTransform(size))
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    images_eval = []
+    for start in range(0, count, batch_size):
+        images, targets = collate([dataset[i] for i in range(start, min(start + batch_size, count))])
+        for found, target in zip(detect(model, images.to(device)), targets):
+            gt = (target["boxes"] * size).numpy().astype(np.float64)
+            images_eval.append((
+                found.boxes.cpu().numpy().astype(np.float64),
+                found.scores.cpu().numpy().astype(np.float64),
+                gt,
+                np.zeros(len(gt), dtype=bool),
+            ))
+    return {"ap": float(average_precision(images_eval)), "val_images": float(count)}
