@@ -27,7 +27,14 @@ from .passes import Pass
 # imported lazily, never special-cased anywhere else.
 DEFAULT_PLUGINS = (
     "plugins.featherface_family",
+    "plugins.featherface_commands",
+    "plugins.cbam_plus",
+    "plugins.shared_cbam",
+    "plugins.unify_heads",
+    "plugins.bifpn_slim",
+    "plugins.ssh_slim",
     "plugins.prune",
+    "plugins.sensitivity",
 )
 
 ENTRY_POINT_GROUP = "compressor"

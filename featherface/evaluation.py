@@ -298,6 +298,16 @@ def _ap_from_counts(proposals: np.ndarray, tp: np.ndarray, num_faces: int) -> fl
 # --------------------------------------------------------------------------
 
 
+def format_prediction_file(image: str, boxes_xyxy: np.ndarray, scores: np.ndarray) -> str:
+    """The standard ``<image>.txt`` text: name, count, then ``x y w h score`` by decreasing score."""
+    order = np.argsort(-scores, kind="stable")
+    lines = [Path(image).stem, str(len(order))]
+    for i in order:
+        x1, y1, x2, y2 = (float(v) for v in boxes_xyxy[i])
+        lines.append(f"{x1:.1f} {y1:.1f} {x2 - x1:.1f} {y2 - y1:.1f} {float(scores[i]):.6f}")
+    return "\n".join(lines) + "\n"
+
+
 def read_prediction_file(path: str | Path) -> tuple[str, np.ndarray]:
     """Parse one ``<image>.txt``: image name, box count, then ``x y w h score`` lines.
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .data import EvalTransform, FaceDataset, TrainTransform, collate, ensure_embedded_dataset
 from .detect import detect
-from .evaluation import average_precision
+from .evaluation import average_precision, format_prediction_file
 from .loss import DistillationLoss, MultiBoxLoss
 from .priors import make_priors
 
@@ -78,19 +78,26 @@ def distillation_loss(student: tuple[Tensor, Tensor, Tensor], teacher: tuple[Ten
 
 @torch.no_grad()
 def evaluate_ap(model: nn.Module, root: Path | None, size: int, device: torch.device | str = "cpu",
-                batch_size: int = 8, limit: int | None = None) -> dict[str, float]:
-    """AP at IoU 0.5 on the validation split (the WIDER FACE protocol's code, one setting)."""
+                batch_size: int = 8, predictions_dir: Path | None = None) -> dict[str, float]:
+    """AP at IoU 0.5 on the validation split (the WIDER FACE protocol's code, one setting).
+
+    With ``predictions_dir``, also writes the detections in the standard layout
+    (``<folder>/<image>.txt``, boxes in original image pixels).
+    """
     dataset = FaceDataset(resolve_root(root), "val", EvalTransform(size))
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    images_eval = []
-    for start in range(0, count, batch_size):
-        images, targets = collate([dataset[i] for i in range(start, min(start + batch_size, count))])
-        for found, target in zip(detect(model, images.to(device)), targets):
-            gt = (target["boxes"] * size).numpy().astype(np.float64)
-            images_eval.append((
-                found.boxes.cpu().numpy().astype(np.float64),
-                found.scores.cpu().numpy().astype(np.float64),
-                gt,
-                np.zeros(len(gt), dtype=bool),
-            ))
-    return {"ap": float(average_precision(images_eval)), "val_images": float(count)}
+    records = []
+    for start in range(0, len(dataset), batch_size):
+        indices = range(start, min(start + batch_size, len(dataset)))
+        images, targets = collate([dataset[i] for i in indices])
+        for index, found, target in zip(indices, detect(model, images.to(device)), targets):
+            scale = float(target["scale"])
+            boxes = found.boxes.cpu().numpy().astype(np.float64) / scale
+            scores = found.scores.cpu().numpy().astype(np.float64)
+            gt = (target["boxes"] * size).numpy().astype(np.float64) / scale
+            records.append((boxes, scores, gt, np.zeros(len(gt), dtype=bool)))
+            if predictions_dir is not None:
+                image = Path(dataset.samples[index].image)
+                path = Path(predictions_dir) / image.parent / f"{image.stem}.txt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(format_prediction_file(image.name, boxes, scores))
+    return {"ap": float(average_precision(records)), "val_images": float(len(records))}

@@ -183,12 +183,15 @@ def photometric_distort(
         (TF.adjust_saturation, params.saturation),
         (TF.adjust_hue, params.hue),
     )
+    # Saturation and hue leave a gray image (three equal channels) unchanged, and
+    # the HSV round trip is the costliest step: skip it when it cannot matter.
+    gray = bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
     for adjust, (low, high) in steps:
         # Draw both numbers every time so the RNG stream does not depend on
         # which adjustments fired.
         fire = _coin(params.p, generator)
         factor = _uniform(low, high, generator)
-        if fire:
+        if fire and not (gray and adjust in (TF.adjust_saturation, TF.adjust_hue)):
             image = adjust(image, factor)
     return image
 
@@ -274,9 +277,10 @@ class TrainTransform:
             # Keep the image whole but square, so resizing does not distort faces.
             image, target = pad_to_square(image, target)
         image, target = random_horizontal_flip(image, target, self.flip_p, gen)
+        image, target = resize_square(image, target, self.size)
+        # Colour jitter after resizing: the same distribution, on fewer pixels.
         if self.photometric is not None:
             image = photometric_distort(image, self.photometric, gen)
-        image, target = resize_square(image, target, self.size)
         return _to_network(image), normalise_target(target, self.size)
 
 

@@ -4,7 +4,7 @@ from .backbone import MobileNetV1
 from .bifpn import BiFPNCell
 from .cbam import CBAM, ChannelGate, SpatialGate, cbam
 from .deform import DeformableConv2d
-from .heads import SeparateHeads
+from .heads import SeparateHeads, UnifiedHeads
 from .shuffle import ChannelShuffleBlock
 from .ssh import SSH
 
@@ -18,5 +18,6 @@ __all__ = [
     "SSH",
     "SeparateHeads",
     "SpatialGate",
+    "UnifiedHeads",
     "cbam",
 ]

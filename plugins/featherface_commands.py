@@ -1,0 +1,100 @@
+"""FeatherFace's own commands: `compress eval-widerface`, `compress eval`, `compress detect`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from compressor import hookimpl
+from compressor.atomic import atomic_write_bytes
+from compressor.checkpoint import open_model
+from compressor.cli import handle_errors, registry_from
+from compressor.errors import UsageError
+from compressor.inputs import parse_input_size
+
+
+@click.command("eval-widerface")
+@click.option("--pred", "pred_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Predictions in the standard layout: <event>/<image>.txt.")
+@click.option("--gt", "gt_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder with wider_face_val.mat and wider_{easy,medium,hard}_val.mat.")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"easy\", \"medium\", \"hard\"} as JSON.")
+@handle_errors
+def eval_widerface(pred_dir: Path, gt_dir: Path, as_json: bool) -> None:
+    """The official WIDER FACE validation protocol: easy / medium / hard AP at IoU 0.5."""
+    from featherface.evaluation import evaluate_widerface
+
+    try:
+        result = evaluate_widerface(pred_dir, gt_dir)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from err
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for setting, ap in result.items():
+            click.echo(f"{setting:<7} AP {ap:.4f}")
+
+
+@click.command("eval")
+@click.argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
+@click.option("--data", "data_root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Dataset root in the RetinaFace layout (default: the embedded dataset).")
+@click.option("--input-size", default="320", show_default=True, help="Square side the images are resized to.")
+@click.option("--pred", "pred_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the predictions here (<folder>/<image>.txt).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@handle_errors
+def eval_model(model: str, data_root: Path | None, input_size: str, pred_dir: Path | None, as_json: bool) -> None:
+    """Detect faces on the validation split and report AP at IoU 0.5."""
+    from featherface.training import evaluate_ap
+
+    loaded = open_model(model, registry_from(click.get_current_context()))
+    height, width = parse_input_size(input_size)
+    loaded.family.check_input_size(height, width)
+    metrics = evaluate_ap(loaded.model, data_root, max(height, width), predictions_dir=pred_dir)
+    click.echo(json.dumps(metrics) if as_json else f"AP {metrics['ap']:.4f} on {int(metrics['val_images'])} images")
+
+
+@click.command("detect")
+@click.argument("model", metavar="CHECKPOINT")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The annotated PNG to write.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Score threshold.")
+@click.option("--json", "as_json", is_flag=True, help="Also print the detections as JSON.")
+@handle_errors
+def detect_command(model: str, image: Path, out_path: Path, threshold: float, as_json: bool) -> None:
+    """Detect faces in one image; draw boxes, scores and landmarks into a PNG."""
+    from torchvision.io import ImageReadMode, decode_image, encode_png
+    from torchvision.utils import draw_bounding_boxes, draw_keypoints
+
+    from featherface.detect import detect
+    from featherface.preprocess import pad_to_multiple, to_network_input
+
+    loaded = open_model(model, registry_from(click.get_current_context()))
+    try:
+        picture = decode_image(str(image), mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        raise UsageError(f"{image}: cannot decode the image ({err})") from err
+    height, width = picture.shape[-2:]
+    found = detect(loaded.model, pad_to_multiple(to_network_input(picture)), conf_threshold=threshold,
+                   image_sizes=[(height, width)])[0]
+    labels = [f"{s:.2f}" for s in found.scores.tolist()]
+    drawn = draw_bounding_boxes(picture, found.boxes, labels=labels, colors="lime", width=2)
+    if len(found):
+        drawn = draw_keypoints(drawn, found.landmarks.view(-1, 5, 2), colors="red", radius=2)
+    png = encode_png(drawn).numpy().tobytes()
+    atomic_write_bytes(out_path, lambda handle: handle.write(png))
+    if as_json:
+        click.echo(json.dumps([{"box": b, "score": s, "landmarks": l} for b, s, l in
+                               zip(found.boxes.tolist(), found.scores.tolist(), found.landmarks.tolist())]))
+    else:
+        click.echo(f"{len(found)} faces -> {out_path}")
+
+
+@hookimpl
+def compressor_commands(cli: click.Group) -> None:
+    for command in (eval_widerface, eval_model, detect_command):
+        cli.add_command(command)

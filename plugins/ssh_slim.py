@@ -1,0 +1,315 @@
+"""ssh_slim: SSH modules with plain, grouped or deformable convs, optionally narrower.
+
+Each chosen SSH is rebuilt with ``SSH(...)`` at its new widths and the trained
+weights of the kept channels are copied in.  Every conv is handled through its
+dense 3x3 weight (a DCN's ``regular_conv.weight``, a grouped conv's blocks on the
+diagonal), which is then written out in the target form:
+
+* plain: the dense weight.  A DCN whose offset and modulator convs are zero
+  samples the regular grid with modulation 2*sigmoid(0) = 1, i.e. *is* the plain
+  conv with ``regular_conv.weight``, so that replacement is lossless.  With
+  ``fold_offsets`` (the default) the input-independent part of a DCN's sampling,
+  its offset and modulator biases, is folded into the kernel first (see
+  :func:`folded_dcn_weight`); the input-dependent part is lost either way.
+* grouped: the diagonal blocks of the dense weight (output channel o of group k
+  keeps ``weight[o, k*in/g:(k+1)*in/g]``).  An approximation: the weights across
+  groups are dropped, not redistributed.
+* deformable: the dense weight as ``regular_conv``; offset and modulator convs
+  come from the source DCN (sliced on their inputs) or start at zero, which
+  makes a plain source exact.
+
+With ``width_ratio`` < 1 the five convs keep their most important output
+channels.  The three branch outputs, concatenated, feed the channel-shuffle
+block, whose first 1x1 conv loses the matching input columns, after the
+shuffle's permutation of the old and of the new channel count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pydantic
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from compressor import Pass, hookimpl
+from compressor.passes import PassContext
+from featherface.modules.deform import DeformableConv2d
+from featherface.modules.shuffle import ChannelShuffleBlock, channel_shuffle
+from featherface.modules.ssh import SSH, ConvBN
+from featherface.surgery import batchnorm_keep, conv_keep, dense_conv_weight, grouped_weight, l1_importance, top_k
+
+# SSH unit -> (its output width's SSH argument, the unit whose output it reads or None for the SSH input).
+UNITS = {
+    "conv3x3": ("out3x3", None),
+    "conv5x5_1": ("mid5x5", None),
+    "conv5x5_2": ("out5x5", "conv5x5_1"),
+    "conv7x7_2": ("mid7x7", "conv5x5_1"),
+    "conv7x7_3": ("out7x7", "conv7x7_2"),
+}
+# The units whose outputs are concatenated, in the order of the concatenation.
+BRANCHES = ("conv3x3", "conv5x5_2", "conv7x7_3")
+
+
+class SSHSlimParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    conv: Literal["plain", "grouped", "deformable"] = Field(
+        "plain", description="The SSH convs after the pass: 'plain' 3x3 convs, 'grouped' 3x3 convs with `groups` "
+                             "groups (an approximation of dense ones), or 'deformable' (DCNv2, kept or added).")
+    groups: int = Field(
+        1, description="Groups of every 3x3 conv with conv=grouped (at least 2, dividing the input and output "
+                       "channels of every conv); 1 otherwise.")
+    width_ratio: float = Field(
+        1.0, description="Fraction of the channels of every SSH branch (out3x3, mid5x5, out5x5, mid7x7, out7x7) "
+                         "to keep, the most important ones; in (0, 1].")
+    levels: list[int] | None = Field(
+        None, description="Indices of the SSH modules to rebuild (0 = stride 8); empty: all of them.")
+    fold_offsets: bool = Field(
+        True, description="DCN -> plain/grouped: fold the offset and modulator biases (the input-independent "
+                          "sampling shift and scale) into the 3x3 kernel; false copies regular_conv.weight as is. "
+                          "Both are exact for a DCN whose offset/modulator convs are zero.")
+
+
+@dataclass(frozen=True)
+class Widths:
+    """The five SSH widths, by ``SSH(...)`` argument name."""
+
+    out3x3: int
+    mid5x5: int
+    out5x5: int
+    mid7x7: int
+    out7x7: int
+
+    def of(self, unit: str) -> int:
+        return getattr(self, UNITS[unit][0])
+
+    @property
+    def out_channels(self) -> int:
+        return self.out3x3 + self.out5x5 + self.out7x7
+
+
+@dataclass(frozen=True)
+class Target:
+    """What every rebuilt SSH conv becomes."""
+
+    kind: str
+    groups: int
+    fold_offsets: bool
+
+    @classmethod
+    def of(cls, params: SSHSlimParams) -> Target:
+        # Folding replaces sampling by a fixed kernel: pointless when the DCN stays.
+        return cls(params.conv, params.groups if params.conv == "grouped" else 1,
+                   params.fold_offsets and params.conv != "deformable")
+
+
+class SSHSlim(Pass):
+    """Rebuild SSH modules with plain/grouped/deformable convs and optionally fewer channels, from trained weights."""
+
+    name = "ssh_slim"
+    Params = SSHSlimParams
+
+    def check(self, model: nn.Module, params: SSHSlimParams, ctx: PassContext) -> None:
+        levels = _checked_levels(model, params.levels)
+        if not 0 < params.width_ratio <= 1:
+            raise ValueError(f"width_ratio: {params.width_ratio} is outside (0, 1]")
+        _check_groups_kind(params)
+        if params.width_ratio < 1:
+            _check_shuffles_not_shared(model, levels)
+        for level in levels:
+            ssh = model.ssh[level]
+            widths = new_widths(ssh, params.width_ratio, model.shuffle[level].groups, level)
+            if params.conv == "grouped":
+                _check_groups_divide(ssh.conv3x3.in_channels, widths, params.groups, level)
+
+    def apply(self, model: nn.Module, params: SSHSlimParams, ctx: PassContext) -> nn.Module:
+        target = Target.of(params)
+        for level in _checked_levels(model, params.levels):
+            old = model.ssh[level]
+            shuffle = model.shuffle[level]
+            widths = new_widths(old, params.width_ratio, shuffle.groups, level)
+            keep = kept_channels(old, widths, target.fold_offsets)
+            model.ssh[level] = rebuild(old, widths, keep, target)
+            if widths.out_channels != old.out_channels:
+                slice_shuffle_input(shuffle, concat_index(old, keep))
+        return model
+
+
+def _checked_levels(model: nn.Module, levels: list[int] | None) -> list[int]:
+    count = len(model.ssh)
+    if levels is None:
+        levels = list(range(count))
+    if not levels:
+        raise ValueError("levels: empty list; leave it out to rebuild every SSH module")
+    bad = [level for level in levels if not 0 <= level < count]
+    if bad:
+        raise ValueError(f"levels: {bad} out of range 0..{count - 1}")
+    for level in levels:
+        if not isinstance(model.ssh[level], SSH) or not isinstance(model.shuffle[level], ChannelShuffleBlock):
+            raise ValueError(f"levels: ssh[{level}] is not an SSH followed by a channel-shuffle block")
+    return sorted(set(levels))
+
+
+def _check_shuffles_not_shared(model: nn.Module, levels: list[int]) -> None:
+    # A shared shuffle block would have its input sliced once per level that uses it.
+    blocks = [id(model.shuffle[level]) for level in range(len(model.shuffle))]
+    for level in levels:
+        if blocks.count(blocks[level]) > 1:
+            raise ValueError(f"levels: shuffle[{level}] is shared with another level; "
+                             "narrowing its SSH would narrow the others' inputs too")
+
+
+def _check_groups_kind(params: SSHSlimParams) -> None:
+    if params.conv == "grouped" and params.groups < 2:
+        raise ValueError(f"groups: conv=grouped needs at least 2 groups, got {params.groups}")
+    if params.conv != "grouped" and params.groups != 1:
+        raise ValueError(f"groups: {params.groups} groups only apply with conv=grouped (conv is {params.conv!r})")
+
+
+def _check_groups_divide(in_channels: int, widths: Widths, groups: int, level: int) -> None:
+    for unit, (_, source) in UNITS.items():
+        inputs = in_channels if source is None else widths.of(source)
+        if inputs % groups or widths.of(unit) % groups:
+            raise ValueError(f"groups: {groups} does not divide ssh[{level}].{unit}'s "
+                             f"{inputs} input and {widths.of(unit)} output channels")
+
+
+def new_widths(ssh: SSH, ratio: float, shuffle_groups: int, level: int) -> Widths:
+    """The five widths times ``ratio`` (rounded half up), the output width kept divisible by the shuffle groups."""
+    current = {UNITS[unit][0]: getattr(ssh, unit).out_channels for unit in UNITS}
+    widths = {name: int(width * ratio + 0.5) for name, width in current.items()}
+    empty = [name for name, width in widths.items() if width < 1]
+    if empty:
+        raise ValueError(f"width_ratio: {ratio} leaves no channel in ssh[{level}] {', '.join(empty)}")
+    # The shuffle needs the concatenation divisible by its groups; the widest
+    # branch (3x3) absorbs the rounding, down if it can, else up within what it had.
+    remainder = (widths["out3x3"] + widths["out5x5"] + widths["out7x7"]) % shuffle_groups
+    if remainder:
+        down, up = widths["out3x3"] - remainder, widths["out3x3"] + shuffle_groups - remainder
+        if down >= 1:
+            widths["out3x3"] = down
+        elif up <= current["out3x3"]:
+            widths["out3x3"] = up
+        else:
+            raise ValueError(f"width_ratio: {ratio} leaves ssh[{level}] an output width that the "
+                             f"{shuffle_groups}-group channel shuffle cannot divide")
+    return Widths(**widths)
+
+
+def dense_weight(conv: nn.Module, fold_offsets: bool = False) -> Tensor:
+    """The 3x3 kernel of an SSH conv as a dense (out, in, 3, 3) weight."""
+    if isinstance(conv, DeformableConv2d):
+        return folded_dcn_weight(conv) if fold_offsets else conv.regular_conv.weight.detach()
+    return dense_conv_weight(conv)
+
+
+def folded_dcn_weight(conv: DeformableConv2d) -> Tensor:
+    """The plain kernel closest to a DCN whose offsets and modulation were input-independent.
+
+    The offset and modulator convs' biases are the part of the sampling that
+    does not depend on the input: kernel point k samples at its grid position
+    shifted by (dy_k, dx_k) = offset bias (torchvision's (y, x) order), scaled by
+    m_k = 2*sigmoid(modulator bias).  A fixed fractional shift is a bilinear mix
+    of whole-pixel taps, so W_k * m_k is spread over the taps it lands between.
+    Taps outside the 3x3 window cannot be represented and are dropped.  With zero
+    biases this is ``regular_conv.weight`` exactly.  Why bother: a DCN trained with
+    large offsets loses much less when its mean sampling pattern is kept.
+    """
+    weight = conv.regular_conv.weight.detach()
+    kh, kw = weight.shape[-2:]
+    shift = conv.offset_conv.bias.detach().view(kh * kw, 2)
+    scale = 2.0 * torch.sigmoid(conv.modulator_conv.bias.detach())
+    rows = torch.arange(kh, dtype=weight.dtype, device=weight.device)
+    cols = torch.arange(kw, dtype=weight.dtype, device=weight.device)
+    point_row, point_col = rows.repeat_interleave(kw), cols.repeat(kh)
+    # Bilinear weight of each kernel point (rows of these) on each tap row / column.
+    on_row = torch.relu(1 - (point_row[:, None] + shift[:, :1] - rows[None]).abs())
+    on_col = torch.relu(1 - (point_col[:, None] + shift[:, 1:] - cols[None]).abs())
+    spread = scale[:, None, None] * on_row[:, :, None] * on_col[:, None, :]  # point x tap row x tap col
+    folded = torch.einsum("oip,prc->oirc", weight.flatten(2), spread)
+    return folded.contiguous()
+
+
+def unit_importance(unit: ConvBN, fold_offsets: bool = False) -> Tensor:
+    """Per output channel: L1 of the dense kernel times the BN's scale |gamma| / sqrt(var + eps).
+
+    The BN rescales each channel after the conv, so the kernel's L1 alone would
+    rank channels by a magnitude the network never sees.
+    """
+    bn = unit.bn
+    scale = bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)
+    return l1_importance(dense_weight(unit.conv, fold_offsets)) * scale
+
+
+def kept_channels(ssh: SSH, widths: Widths, fold_offsets: bool = False) -> dict[str, Tensor]:
+    """For each unit, the indices of the output channels it keeps (ascending)."""
+    return {unit: top_k(unit_importance(getattr(ssh, unit), fold_offsets), widths.of(unit)) for unit in UNITS}
+
+
+def rebuild(old: SSH, widths: Widths, keep: dict[str, Tensor], target: Target) -> SSH:
+    """A new SSH of the target kind and widths, carrying the kept channels' trained weights."""
+    like = old.conv3x3.bn.weight  # the device and dtype the model lives in
+    in_channels = old.conv3x3.in_channels
+    new = SSH(in_channels, widths.out3x3, widths.mid5x5, widths.out5x5, widths.mid7x7, widths.out7x7,
+              deformable=target.kind == "deformable", groups=target.groups)
+    new = new.to(device=like.device, dtype=like.dtype)
+    all_inputs = torch.arange(in_channels, device=like.device)
+    for unit, (_, source) in UNITS.items():
+        in_index = all_inputs if source is None else keep[source]
+        carry_unit(getattr(old, unit), getattr(new, unit), keep[unit], in_index, target.fold_offsets)
+    new.train(old.training)
+    return new
+
+
+def carry_unit(old: ConvBN, new: ConvBN, out_index: Tensor, in_index: Tensor, fold_offsets: bool) -> None:
+    """Copy the kept rows/columns of ``old``'s kernel and BN into ``new`` (already at the new widths)."""
+    weight = dense_weight(old.conv, fold_offsets)[out_index][:, in_index]
+    with torch.no_grad():
+        if isinstance(new.conv, DeformableConv2d):
+            new.conv.regular_conv.weight.copy_(weight)
+            if isinstance(old.conv, DeformableConv2d):
+                new.conv.offset_conv = conv_keep(old.conv.offset_conv, in_index=in_index)
+                new.conv.modulator_conv = conv_keep(old.conv.modulator_conv, in_index=in_index)
+            # Otherwise the fresh offset/modulator convs are zero: the DCN equals the source conv.
+        else:
+            new.conv.weight.copy_(grouped_weight(weight, new.conv.groups))
+    new.bn = batchnorm_keep(old.bn, out_index)
+
+
+def concat_index(ssh: SSH, keep: dict[str, Tensor]) -> Tensor:
+    """The kept channels of the SSH output (the concatenation of the branches), in old numbering."""
+    parts, offset = [], 0
+    for unit in BRANCHES:
+        parts.append(keep[unit] + offset)
+        offset += getattr(ssh, unit).out_channels
+    return torch.cat(parts)
+
+
+def shuffle_order(channels: int, groups: int) -> Tensor:
+    """Which input channel the block's own shuffle puts at each output position.
+
+    Read off :func:`channel_shuffle` itself rather than re-derived, so it cannot
+    drift from the forward (for 2 groups: channel c goes to (c % 2)*(C/2) + c // 2).
+    """
+    return channel_shuffle(torch.arange(channels).view(1, channels, 1, 1), groups).flatten()
+
+
+def shuffle_columns(kept: Tensor, channels: int, groups: int) -> Tensor:
+    """For each input of the new reduce conv, the input of the old one that saw the same channel."""
+    old_position = torch.argsort(shuffle_order(channels, groups))
+    new_order = shuffle_order(len(kept), groups)
+    return old_position[kept.cpu()[new_order]]
+
+
+def slice_shuffle_input(block: ChannelShuffleBlock, kept: Tensor) -> None:
+    """Drop the reduce conv's input columns of the channels the SSH no longer produces."""
+    columns = shuffle_columns(kept, block.reduce.in_channels, block.groups)
+    block.reduce = conv_keep(block.reduce, in_index=columns)
+
+
+@hookimpl
+def compressor_passes() -> list[type[Pass]]:
+    return [SSHSlim]

@@ -1,0 +1,94 @@
+"""The FeatherFace commands: eval-widerface, eval, detect, sensitivity."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from compressor.checkpoint import save_checkpoint
+from compressor.cli import cli
+from featherface import featherface_baseline
+from featherface.data import generate_embedded_dataset
+from plugins.featherface_family import FAMILY
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=2, num_val=3, size=160)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, featherface_baseline().eval(), FAMILY)
+    return path
+
+
+def test_eval_widerface_reproduces_the_reference(reference_dir, tmp_path):
+    with tarfile.open(reference_dir / "widerface_eval" / "predictions_seed0.tar.gz") as archive:
+        archive.extractall(tmp_path, filter="data")
+    expected = json.loads((reference_dir / "widerface_eval" / "expected_seed0.json").read_text())
+    result = invoke("eval-widerface", "--pred", str(tmp_path / "pred0"),
+                    "--gt", str(reference_dir / "widerface_eval" / "ground_truth"), "--json")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    for setting in ("easy", "medium", "hard"):
+        assert abs(got[setting] - expected[setting]) < 1e-6
+
+
+def test_eval_widerface_bad_prediction_file(reference_dir, tmp_path):
+    (tmp_path / "event").mkdir()
+    (tmp_path / "event" / "img.txt").write_text("img\nthree\n")
+    result = invoke("eval-widerface", "--pred", str(tmp_path), "--gt", str(reference_dir / "widerface_eval" / "ground_truth"))
+    assert result.exit_code == 2 and "img.txt" in result.output and "line 2" in result.output
+
+
+def test_eval_writes_predictions_and_reports_ap(tiny_data, checkpoint, tmp_path):
+    pred = tmp_path / "pred"
+    result = invoke("eval", str(checkpoint), "--data", str(tiny_data), "--input-size", "64", "--pred", str(pred), "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    assert 0.0 <= metrics["ap"] <= 1.0 and metrics["val_images"] == 3
+    files = sorted(pred.rglob("*.txt"))
+    assert len(files) == 3
+    from featherface.evaluation import read_prediction_file
+
+    name, boxes = read_prediction_file(files[0])
+    assert name == files[0].stem and boxes.shape[1] == 5
+
+
+def test_detect_draws_an_annotated_png(tiny_data, checkpoint, tmp_path):
+    image = next((tiny_data / "val" / "images").rglob("*.jpg"))
+    out = tmp_path / "annotated.png"
+    result = invoke("detect", str(checkpoint), str(image), "--out", str(out), "--threshold", "0.0", "--json")
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == Image.open(image).size
+    assert isinstance(json.loads(result.output), list)
+
+
+def test_detect_on_a_file_that_is_not_an_image(checkpoint, tmp_path):
+    bogus = tmp_path / "notes.jpg"
+    bogus.write_text("not an image")
+    result = invoke("detect", str(checkpoint), str(bogus), "--out", str(tmp_path / "o.png"))
+    assert result.exit_code == 2 and "notes.jpg" in result.output and "Traceback" not in result.output
+
+
+def test_sensitivity_table_and_files(checkpoint, tmp_path):
+    result = invoke("sensitivity", str(checkpoint), "--input-size", "64", "--ratios", "0.25",
+                    "--components", "ssh,channel_shuffle", "--out", str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [(r["component"], r["ratio"]) for r in rows] == [("ssh", 0.25), ("channel_shuffle", 0.25)]
+    assert all(r["removed"] > 0 and r["params"] == 592_371 - r["removed"] for r in rows)
+    assert (tmp_path / "sensitivity.png").is_file() and (tmp_path / "sensitivity.json").is_file()
+    bad = invoke("sensitivity", str(checkpoint), "--components", "heads")
+    assert bad.exit_code == 2 and "heads" in bad.output
