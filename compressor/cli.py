@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,10 +148,25 @@ def inspect(model: str, input_size: str, latency_runs: int, threads: int, as_jso
                    f"(after {lat['warmup']} warm-up), {lat['threads']} thread(s), batch 1")
 
 
+def type_name(annotation: Any) -> str:
+    """A readable type: ``'l1' | 'bn'`` for Literals, ``dict[str, float]``, ``int | None``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is not None:
+        inner = ", ".join(type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]" if inner else getattr(origin, "__name__", str(origin))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
 def _params_lines(params_model: type) -> list[str]:
     lines = []
     for name, field in params_model.model_fields.items():
-        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+        annotation = type_name(field.annotation)
         default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
         doc = f"  {field.description}" if field.description else ""
         lines.append(f"    {name}: {annotation} ({default}){doc}")
