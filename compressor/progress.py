@@ -27,12 +27,14 @@ class Progress:
 
     def step(self, step: int, total: int, **values: float) -> None:
         """One training step: step i/N, the values given (loss, lr), and the ETA."""
-        if self.quiet:
+        interactive = sys.stderr.isatty()
+        # In logs (not a terminal) every tenth step is enough.
+        if self.quiet or (not interactive and step % 10 and step != total):
             return
         elapsed = time.monotonic() - self._step_started
         eta = elapsed / step * (total - step) if step else 0.0
         shown = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
-        end = "\n" if step == total or not sys.stderr.isatty() else "\r"
+        end = "\n" if step == total or not interactive else "\r"
         click.echo(f"    step {step}/{total}  {shown}  eta {_duration(eta)}", err=True, nl=False)
         click.echo(end, err=True, nl=False)
 

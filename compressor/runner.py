@@ -230,8 +230,9 @@ def _run_stage(ctx: RunContext, index: int, stage: Stage, params: Any, model: nn
         save_checkpoint(_checkpoint_path(ctx.out_dir, index, stage.label), new_model, ctx.family,
                         recipe=ctx.report["recipe"], passes=passes, extra={"stage": index})
     _write(ctx)
+    shown = "".join(f", {k} {v:.4f}" for k, v in record["metrics"].items() if k == "ap")
     ctx.progress.echo(
-        f"    ok: {record['params']['total']:,} parameters, drift {record['output_drift']:.3g}, "
+        f"    ok: {record['params']['total']:,} parameters, drift {record['output_drift']:.3g}{shown}, "
         f"{record['seconds']:.1f}s"
     )
     return new_model
@@ -325,6 +326,7 @@ def _evaluate(ctx: RunContext, model: nn.Module) -> dict[str, float]:
     """Accuracy metrics, when evaluation is on (not with --no-finetune) and the family has it."""
     if not ctx.finetune or not ctx.family.supports_training or not is_main_process():
         return {}
+    ctx.progress.echo("    evaluating on the validation split ...")
     return ctx.family.evaluate(model, ctx.recipe.data.root, ctx.recipe.input_size, ctx.device)
 
 

@@ -113,7 +113,7 @@ def test_torchrun_two_processes_gloo(tmp_path, tiny_data):
     path = run_recipe(tmp_path, tiny_data, "  - pass: plain_ssh\n", finetune="{steps: 2, batch_size: 2}")
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "compressor", "run", str(path), "--out", str(out), "--quiet"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert finished.returncode == 0, finished.stderr[-3000:]
