@@ -44,6 +44,39 @@ def is_main_process() -> bool:
     return distributed()[0] == 0
 
 
+# Batches used to re-estimate BatchNorm statistics after training.
+BN_CALIBRATION_BATCHES = 16
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterator[tuple[Tensor, Any]], count: int) -> None:
+    """Re-estimate every BatchNorm's running statistics for the final weights.
+
+    Running statistics are a moving average over training; with momentum 0.01
+    (BiFPN's and CBAM's BNs) they still carry the activations of weights from a
+    hundred steps before, which on a short training or finetuning leaves eval
+    mode far from train mode.  A plain average over a few batches with the final
+    weights fixes that, and costs a few forwards.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or count < 1:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the calibration batches
+    was_training = model.training
+    model.train()
+    try:
+        for _ in range(count):
+            images, _ = next(batches)
+            model(images)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.train(was_training)
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
@@ -157,6 +190,8 @@ def train(
         if on_checkpoint is not None and rank == 0 and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
             state.optimizer = optimizer.state_dict()
             on_checkpoint(model, state)
+    if state.step > first_step:
+        recalibrate_batchnorm(model, batches, BN_CALIBRATION_BATCHES)
     model.eval()
     window = state.losses[-20:]
     return TrainResult(

@@ -1,0 +1,35 @@
+"""The shipped recipes: valid, and recipes/v2.yaml reaches its budget structurally."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from compressor.cli import cli
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_shipped_recipes_validate():
+    for name in ("v2.yaml", "uniform_prune.yaml"):
+        result = invoke("validate", str(RECIPES / name))
+        assert result.exit_code == 0, result.output
+
+
+def test_v2_without_finetuning_reaches_250k_with_every_stage_ok(tmp_path):
+    out = tmp_path / "v2"
+    result = invoke("run", str(RECIPES / "v2.yaml"), "--no-finetune", "--quiet", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["baseline"]["params"]["total"] == 592_371
+    assert all(stage["status"] == "ok" for stage in report["stages"])
+    assert report["final"]["params"]["total"] <= 250_000
+    unify = next(s for s in report["stages"] if s["pass"] == "unify_heads")
+    assert unify["output_drift"] < 1e-5
+    assert report["budget_check"]["ok"]
