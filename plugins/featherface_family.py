@@ -86,7 +86,8 @@ class FeatherFaceFamily(ModelFamily):
 
     def evaluate(self, model: nn.Module, data_root: Path | None, input_size: tuple[int, int],
                  device: torch.device | None = None) -> dict[str, float]:
-        return training.evaluate_ap(model, data_root, _square(input_size), device or "cpu")
+        metrics = training.evaluate_ap(model, data_root, _square(input_size), device or "cpu")
+        return {"ap": metrics["ap"]}
 
 
 def _square(input_size: tuple[int, int]) -> int:
