@@ -49,7 +49,6 @@ class RunContext:
     """What every stage of one run shares."""
 
     recipe: Recipe
-    raw: dict
     family: ModelFamily
     registry: Registry
     out_dir: Path
@@ -83,7 +82,7 @@ def measure(model: nn.Module, family: ModelFamily, height: int, width: int, devi
 def run_recipe(recipe_path: str | Path, options: RunOptions) -> dict:
     """Run (or resume) a recipe; returns the final report.  Raises CompressorError on failure."""
     recipe_path = Path(recipe_path)
-    recipe, raw = load_recipe(recipe_path, options.overrides)
+    recipe, _ = load_recipe(recipe_path, options.overrides)
     registry = load_registry(recipe.plugins, base_dir=recipe_path.parent)
     stage_params = check_against_registry(recipe, registry, recipe_path)
     family = registry.get_family(recipe.model.family)
@@ -96,14 +95,14 @@ def run_recipe(recipe_path: str | Path, options: RunOptions) -> dict:
     previous = _read_previous_report(out_dir) if is_main_process() or options.resume else None
     if previous is not None and not options.resume:
         raise UsageError(f"{out_dir}: already holds a run; use --resume to continue it, or --out for a new folder")
-    if previous is not None and previous.get("recipe") != _recipe_record(recipe, raw):
+    if previous is not None and previous.get("recipe") != _recipe_record(recipe):
         raise UsageError(f"{out_dir}: the recipe differs from the one this run started with; start a new run with --out")
 
     seed_everything(recipe.seed)
     first_model = starting_model(recipe, family, registry).to(device)
     height, width = recipe.input_size
     ctx = RunContext(
-        recipe=recipe, raw=raw, family=family, registry=registry, out_dir=out_dir, device=device,
+        recipe=recipe, family=family, registry=registry, out_dir=out_dir, device=device,
         example=family.example_input(height, width, batch_size=2, seed=recipe.seed).to(device),
         progress=progress, finetune=options.finetune, starting_model=first_model,
     )
@@ -153,7 +152,7 @@ def starting_model(recipe: Any, family: ModelFamily, registry: Registry) -> nn.M
     return loaded.model
 
 
-def _recipe_record(recipe: Recipe, raw: dict) -> dict:
+def _recipe_record(recipe: Recipe) -> dict:
     return recipe.model_dump(mode="json", by_alias=True)
 
 
@@ -162,7 +161,7 @@ def _new_report(ctx: RunContext) -> dict:
     baseline = measure(ctx.starting_model, ctx.family, height, width, ctx.device)
     baseline["metrics"] = _evaluate(ctx, ctx.starting_model)
     return {
-        "recipe": _recipe_record(ctx.recipe, ctx.raw),
+        "recipe": _recipe_record(ctx.recipe),
         "baseline": baseline,
         "stages": [
             {"name": s.label, "pass": s.pass_name, "status": "pending"} for s in ctx.recipe.stages
