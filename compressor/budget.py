@@ -20,9 +20,6 @@ class Budget(pydantic.BaseModel):
     )
     macs: pydantic.PositiveInt | None = pydantic.Field(None, description="Most MACs at the recipe's input size, batch 1.")
 
-    def is_empty(self) -> bool:
-        return self.total is None and not self.components and self.macs is None
-
 
 @dataclass(frozen=True)
 class Overshoot:

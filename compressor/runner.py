@@ -212,8 +212,8 @@ def _run_stage(ctx: RunContext, index: int, stage: Stage, params: Any, model: nn
     seed_everything(ctx.recipe.seed + index)
     try:
         new_model, repeats = _apply(ctx, where, stage, params, model)
-        _validate(ctx, where, stage, new_model)
-        drift = output_drift(forward_eval(model, ctx.example), forward_eval(new_model, ctx.example))
+        outputs = _validate(ctx, where, stage, new_model)
+        drift = output_drift(forward_eval(model, ctx.example), outputs)
         record.update(finetune=_finetune(ctx, index, stage, model, new_model))
         height, width = ctx.recipe.input_size
         record.update(measure(new_model, ctx.family, height, width, ctx.device))
@@ -280,7 +280,8 @@ def _over(ctx: RunContext, model: nn.Module, budget: Budget) -> list:
         raise UsageError(str(err.args[0])) from err
 
 
-def _validate(ctx: RunContext, where: str, stage: Stage, model: nn.Module) -> None:
+def _validate(ctx: RunContext, where: str, stage: Stage, model: nn.Module) -> object:
+    """Check the model a pass returned; returns its outputs on the example batch."""
     try:
         ctx.family.spec_of(model)
     except Exception as err:
@@ -299,6 +300,7 @@ def _validate(ctx: RunContext, where: str, stage: Stage, model: nn.Module) -> No
         over = _over(ctx, model, stage.budget)
         if over:
             raise CheckFailed(f"{where}: " + "; ".join(str(o) for o in over))
+    return outputs
 
 
 def _finetune(ctx: RunContext, index: int, stage: Stage, before: nn.Module, model: nn.Module) -> str | dict:

@@ -42,10 +42,6 @@ def register(cls: M) -> M:
     return cls
 
 
-def registered_types() -> dict[str, type[nn.Module]]:
-    return dict(_REGISTRY)
-
-
 def to_spec(module: nn.Module) -> Spec:
     """Describe ``module`` (a registered type) as a JSON-able spec tree."""
     return _describe(module, "", {})

@@ -46,10 +46,16 @@ class FeatherFaceFamily(ModelFamily):
         return COMPONENTS.get(parameter_name.split(".", 1)[0], "other")
 
     def load_native(self, content: object, source: str) -> nn.Module | None:
-        if not _looks_original(content):
+        if not isinstance(content, Mapping):
             return None
         try:
-            return featherface.load_original_checkpoint(read_state_dict(content))  # type: ignore[arg-type]
+            state = read_state_dict(content)
+        except CheckpointError:
+            return None  # not a state_dict at all: some other family's format
+        if not _looks_original(state):
+            return None
+        try:
+            return featherface.load_original_checkpoint(state)
         except CheckpointError as err:
             raise UsageError(f"{source}: {err}") from err
 
@@ -95,16 +101,11 @@ def _square(input_size: tuple[int, int]) -> int:
     return max(input_size)
 
 
-def _looks_original(content: object) -> bool:
-    """True when some key of the state_dict is one of the original implementation's names."""
-    if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
-        content = content["state_dict"]
-    if not isinstance(content, Mapping):
-        return False
-    keys = [k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k for k in content]
+def _looks_original(state: Mapping[str, Tensor]) -> bool:
+    """True when some key of the (unwrapped, unprefixed) state_dict is one of the original's names."""
     # Body, SSH and head names are shared with RetinaFace-style detectors; the
     # CBAM and BiFPN names are FeatherFace's own.
-    return any(isinstance(k, str) and k.startswith(_DISTINCTIVE) and translate_key(k) is not None for k in keys)
+    return any(k.startswith(_DISTINCTIVE) and translate_key(k) is not None for k in state)
 
 
 _DISTINCTIVE = ("bifpn.", "bacbkbone_", "bif_cbam_")
