@@ -17,7 +17,7 @@ from . import accounting
 from .checkpoint import open_model
 from .errors import CompressorError
 from .inputs import parse_input_size
-from .plugins import Registry, get_plugin_manager, collect
+from .plugins import App, Registry
 
 
 def _fail(message: str, code: int) -> None:
@@ -47,8 +47,8 @@ def handle_errors(command: Callable) -> Callable:
 def registry_from(ctx: click.Context) -> Registry:
     root = ctx.find_root()
     if root.obj is None:
-        root.obj = collect(get_plugin_manager())
-    return root.obj
+        root.obj = App.create()
+    return root.obj.registry
 
 
 class CompressGroup(click.Group):
@@ -60,7 +60,9 @@ class CompressGroup(click.Group):
         if not self._plugins_loaded:
             self._plugins_loaded = True
             try:
-                get_plugin_manager().hook.compressor_commands(cli=self)
+                app = App.create()
+                click.get_current_context().find_root().obj = app
+                app.pm.hook.compressor_commands(cli=self, app=app)
             except CompressorError as err:
                 _fail(str(err), err.exit_code)
 
@@ -179,7 +181,7 @@ def _params_lines(params_model: type) -> list[str]:
 @handle_errors
 def passes(plugins: tuple[str, ...], as_json: bool) -> None:
     """List every registered pass with its description and params."""
-    registry = collect(get_plugin_manager(plugins)) if plugins else registry_from(click.get_current_context())
+    registry = App.create(plugins).registry if plugins else registry_from(click.get_current_context())
     if as_json:
         click.echo(json.dumps({
             name: {"summary": cls.summary(), "plugin": registry.pass_sources[name], "lossless": cls.lossless,

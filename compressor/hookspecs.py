@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from .family import ModelFamily
     from .passes import Pass
+    from .plugins import App
 
 hookspec = pluggy.HookspecMarker("compressor")
 
@@ -30,5 +31,9 @@ def compressor_models() -> list[ModelFamily]:
 
 
 @hookspec
-def compressor_commands(cli: click.Group) -> None:
-    """Add commands to the ``compress`` CLI (e.g. family-specific evaluation)."""
+def compressor_commands(cli: click.Group, app: App) -> None:
+    """Add commands to the ``compress`` CLI (e.g. family-specific evaluation).
+
+    ``app`` is the command's :class:`compressor.plugins.App`: the plugin manager
+    and registry, built once; a command reaches it again as click's ``ctx.obj``.
+    """

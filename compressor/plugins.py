@@ -1,20 +1,28 @@
-"""Building the plugin manager and collecting what plugins provide.
+"""The plugin manager, and the one object a command hands to everything that needs plugins.
 
-Plugins come from three places, all registered the same way: the built-in
-modules listed in ``DEFAULT_PLUGINS``, installed packages' entry points in the
-``compressor`` group, and a recipe's ``plugins:`` list (a dotted module path or a
-``.py`` file).
+Plugins come from two places, registered the same way: installed packages'
+entry points in the ``compressor`` group (this distribution's built-ins among
+them) and plugins named explicitly (``--plugin``, a recipe's ``plugins:``), as a
+dotted module path or a ``.py`` file.  Any of them can be disabled by name with
+``no:NAME`` (``compress -p no:cbam_plus ...``), as pytest's ``-p no:NAME``.
+
+A command builds one :class:`App` and hands it on: to hooks that add commands,
+to recipe loading, to model loading.  The registry of passes and families is
+collected from the manager once, and again only when a plugin is added.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 import importlib.util
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pluggy
 
@@ -23,39 +31,56 @@ from .errors import UsageError
 from .family import ModelFamily
 from .passes import Pass
 
-# Datasette-style: the built-ins are ordinary plugin modules, named here and
-# imported lazily, never special-cased anywhere else.
-DEFAULT_PLUGINS = (
-    "plugins.featherface_family",
-    "plugins.featherface_commands",
-    "plugins.cbam_plus",
-    "plugins.shared_cbam",
-    "plugins.unify_heads",
-    "plugins.bifpn_slim",
-    "plugins.ssh_slim",
-    "plugins.prune",
-    "plugins.sensitivity",
-)
-
 ENTRY_POINT_GROUP = "compressor"
+DISABLE_PREFIX = "no:"
 
 
-def get_plugin_manager(extra: list[str] | tuple[str, ...] = (), base_dir: Path | None = None) -> pluggy.PluginManager:
-    """A fresh plugin manager with built-ins, entry points and ``extra`` plugins registered."""
+def build_plugin_manager(plugins: Iterable[str] = (), base_dir: Path | None = None) -> pluggy.PluginManager:
+    """A plugin manager with the entry points and ``plugins`` registered, ``no:NAME`` ones blocked."""
     pm = pluggy.PluginManager("compressor")
     pm.add_hookspecs(hookspecs)
-    for name in DEFAULT_PLUGINS:
-        pm.register(importlib.import_module(name), name=name)
-    try:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    except Exception as err:  # a broken third-party install must not read as our crash
-        raise UsageError(f"an installed compressor plugin failed to load: {type(err).__name__}: {err}") from err
-    for reference in extra:
-        module = import_plugin(reference, base_dir)
+    plugins = list(plugins)
+    for reference in plugins:
+        if reference.startswith(DISABLE_PREFIX):
+            pm.set_blocked(reference[len(DISABLE_PREFIX):])
+    _load_entry_points(pm)
+    add_plugins(pm, [r for r in plugins if not r.startswith(DISABLE_PREFIX)], base_dir)
+    return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register every installed ``compressor`` entry point not blocked; a broken one is named."""
+    for entry_point in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if pm.is_blocked(entry_point.name) or pm.get_plugin(entry_point.name) is not None:
+            continue
+        where = f"plugin {entry_point.name} (entry point {entry_point.value})"
+        module = _guarded(where, "failed to load", entry_point.load)
         if pm.is_registered(module):
             continue
+        pm.register(module, name=entry_point.name)
+
+
+def add_plugins(pm: pluggy.PluginManager, plugins: Iterable[str], base_dir: Path | None = None) -> None:
+    """Register (or, with ``no:NAME``, block) more plugins on an existing manager."""
+    for reference in plugins:
+        if reference.startswith(DISABLE_PREFIX):
+            pm.set_blocked(reference[len(DISABLE_PREFIX):])
+            continue
+        module = import_plugin(reference, base_dir)
+        if pm.is_registered(module) or pm.is_blocked(reference):
+            continue
         pm.register(module, name=reference)
-    return pm
+
+
+def _guarded(where: str, what: str, call: Callable[[], Any]) -> Any:
+    """Run plugin code; whatever it raises (SystemExit included) becomes one UsageError naming it."""
+    try:
+        return call()
+    except UsageError:
+        raise
+    except (Exception, SystemExit) as err:
+        detail = f": {err}" if str(err) else ""
+        raise UsageError(f"{where} {what}: {type(err).__name__}{detail}") from err
 
 
 def import_plugin(reference: str, base_dir: Path | None = None) -> ModuleType:
@@ -74,15 +99,12 @@ def import_plugin(reference: str, base_dir: Path | None = None) -> ModuleType:
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         try:
-            spec.loader.exec_module(module)
-        except Exception as err:
+            _guarded(f"plugin {reference}", "failed to import", lambda: spec.loader.exec_module(module))
+        except UsageError:
             del sys.modules[module_name]
-            raise UsageError(f"plugin {reference} failed to import: {type(err).__name__}: {err}") from err
+            raise
         return module
-    try:
-        return importlib.import_module(reference)
-    except Exception as err:
-        raise UsageError(f"plugin {reference} failed to import: {type(err).__name__}: {err}") from err
+    return _guarded(f"plugin {reference}", "failed to import", lambda: importlib.import_module(reference))
 
 
 @dataclass
@@ -103,6 +125,16 @@ class Registry:
             raise UsageError(f"{where}unknown model family {name!r}{suggest(name, self.families)}")
         return self.families[name]
 
+    def family_for(self, model: object) -> ModelFamily:
+        """The registered family that built ``model``."""
+        for family in self.families.values():
+            if family.recognises(model):  # type: ignore[arg-type]
+                return family
+        raise UsageError(
+            f"no registered model family recognises a {type(model).__name__} "
+            f"(families: {', '.join(self.families) or 'none'})"
+        )
+
 
 def suggest(name: str, choices: object) -> str:
     """' (did you mean x?)' for a close match, or the list of choices."""
@@ -113,13 +145,24 @@ def suggest(name: str, choices: object) -> str:
     return f" (available: {', '.join(names)})" if names else ""
 
 
+def _hook_results(pm: pluggy.PluginManager, hook_name: str) -> Iterable[tuple[str, list]]:
+    """(plugin name, returned list) for every implementation of a list-returning hook."""
+    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        where = f"plugin {impl.plugin_name}"
+        result = _guarded(where, f"raised in {hook_name}()", impl.function)
+        if result is None:
+            continue
+        if not isinstance(result, (list, tuple)):
+            raise UsageError(f"{where}: {hook_name}() returned a {type(result).__name__}, not a list")
+        yield impl.plugin_name, list(result)
+
+
 def collect(pm: pluggy.PluginManager) -> Registry:
     """Gather passes and families, refusing two plugins that claim the same name."""
     passes: dict[str, type[Pass]] = {}
     sources: dict[str, str] = {}
-    for impl in pm.hook.compressor_passes.get_hookimpls():
-        plugin_name = impl.plugin_name
-        for cls in impl.function() or []:
+    for plugin_name, classes in _hook_results(pm, "compressor_passes"):
+        for cls in classes:
             if not (isinstance(cls, type) and issubclass(cls, Pass)) or not cls.name:
                 raise UsageError(f"plugin {plugin_name}: {cls!r} is not a Pass subclass with a name")
             if cls.name in passes and passes[cls.name] is not cls:
@@ -129,24 +172,45 @@ def collect(pm: pluggy.PluginManager) -> Registry:
             passes[cls.name] = cls
             sources[cls.name] = plugin_name
     families: dict[str, ModelFamily] = {}
-    for impl in pm.hook.compressor_models.get_hookimpls():
-        for family in impl.function() or []:
+    for plugin_name, provided in _hook_results(pm, "compressor_models"):
+        for family in provided:
+            if not isinstance(family, ModelFamily):
+                raise UsageError(f"plugin {plugin_name}: {family!r} is not a ModelFamily")
             if family.name in families and families[family.name] is not family:
-                raise UsageError(f"model family {family.name!r} is registered twice (again by {impl.plugin_name})")
+                raise UsageError(f"model family {family.name!r} is registered twice (again by {plugin_name})")
             families[family.name] = family
     return Registry(passes, sources, families)
 
 
-def load_registry(extra: list[str] | tuple[str, ...] = (), base_dir: Path | None = None) -> Registry:
-    return collect(get_plugin_manager(extra, base_dir))
+class App:
+    """What one command shares: the plugin manager, built once, and the registry it gives.
+
+    Hooks that add commands receive it (as Datasette hands plugins its app);
+    commands reach it through click's context object.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self._registry: Registry | None = None
+
+    @classmethod
+    def create(cls, plugins: Iterable[str] = (), base_dir: Path | None = None) -> App:
+        return cls(build_plugin_manager(plugins, base_dir))
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = collect(self.pm)
+        return self._registry
+
+    def add_plugins(self, plugins: Iterable[str], base_dir: Path | None = None) -> None:
+        """Register (or block, ``no:NAME``) more plugins, e.g. a recipe's ``plugins:``."""
+        plugins = list(plugins)
+        if plugins:
+            add_plugins(self.pm, plugins, base_dir)
+            self._registry = None
 
 
-def family_for(model: object, registry: Registry) -> ModelFamily:
-    """The registered family that built ``model``."""
-    for family in registry.families.values():
-        if family.recognises(model):  # type: ignore[arg-type]
-            return family
-    raise UsageError(
-        f"no registered model family recognises a {type(model).__name__} "
-        f"(families: {', '.join(registry.families) or 'none'})"
-    )
+def load_registry(plugins: Iterable[str] = (), base_dir: Path | None = None) -> Registry:
+    """The registry of a fresh :class:`App` (for library use and tests)."""
+    return App.create(plugins, base_dir).registry

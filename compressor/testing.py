@@ -19,7 +19,7 @@ from .budget import Budget, Overshoot, check_budget
 from .checkpoint import open_model
 from .family import ModelFamily
 from .inputs import parse_input_size
-from .plugins import family_for, load_registry
+from .plugins import load_registry
 
 __all__ = ["assert_budget", "format_overshoots", "resolve_model"]
 
@@ -60,7 +60,7 @@ def resolve_model(model_or_source: nn.Module | str | Path) -> tuple[ModelFamily,
     not budget failures, so they are not ``AssertionError``.
     """
     if isinstance(model_or_source, nn.Module):
-        return family_for(model_or_source, load_registry()), model_or_source
+        return load_registry().family_for(model_or_source), model_or_source
     if isinstance(model_or_source, (str, Path)):
         loaded = open_model(model_or_source)
         return loaded.family, loaded.model

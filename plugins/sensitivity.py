@@ -27,7 +27,7 @@ from compressor.inputs import parse_input_size
 from compressor.passes import PassContext
 from compressor.plots import bar_chart_png
 from compressor.validate import forward_eval, output_drift
-from plugins.prune import Prune, PruneParams
+from compressor_plugins.prune import Prune, PruneParams
 
 DEFAULT_RATIOS = (0.1, 0.25, 0.5)
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext
-from plugins.cbam_plus import resolve_targets
+from compressor_plugins.cbam_plus import resolve_targets
 
 
 class SharedCBAMParams(pydantic.BaseModel):

@@ -7,7 +7,7 @@ from torch import nn
 
 import featherface
 from compressor import accounting
-from plugins.featherface_family import FAMILY
+from compressor_plugins.featherface_family import FAMILY
 
 BASELINE = {
     "backbone": 213_072,

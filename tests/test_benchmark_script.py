@@ -17,7 +17,7 @@ import pytest
 
 from compressor.checkpoint import save_checkpoint
 from featherface import featherface_baseline
-from plugins.featherface_family import FAMILY
+from compressor_plugins.featherface_family import FAMILY
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
 

@@ -14,7 +14,7 @@ from compressor.checkpoint import save_checkpoint
 from compressor.cli import cli
 from featherface import featherface_baseline
 from featherface.data import generate_embedded_dataset
-from plugins.featherface_family import FAMILY
+from compressor_plugins.featherface_family import FAMILY
 
 
 def invoke(*args: str):

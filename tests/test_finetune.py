@@ -54,7 +54,7 @@ def test_run_finetunes_with_distillation_and_measures_ap(tmp_path, tiny_data):
 
 
 def test_diverging_finetune_fails_its_stage_and_keeps_the_last_checkpoint(tmp_path, tiny_data, monkeypatch):
-    from plugins.featherface_family import FAMILY
+    from compressor_plugins.featherface_family import FAMILY
 
     real = FAMILY.task_loss
 

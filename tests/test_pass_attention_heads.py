@@ -19,10 +19,10 @@ from compressor.passes import PassContext
 from compressor.plugins import load_registry
 from compressor.validate import forward_eval, output_drift
 from featherface.modules import SeparateHeads, UnifiedHeads, cbam
-from plugins.featherface_family import FAMILY
-from plugins.unify_heads import unify
+from compressor_plugins.featherface_family import FAMILY
+from compressor_plugins.unify_heads import unify
 
-PLUGINS = ["plugins.cbam_plus", "plugins.shared_cbam", "plugins.unify_heads"]
+PLUGINS = ["compressor_plugins.cbam_plus", "compressor_plugins.shared_cbam", "compressor_plugins.unify_heads"]
 CBAMS = ["backbone_cbam.0", "backbone_cbam.1", "backbone_cbam.2", "bifpn_cbam.0", "bifpn_cbam.1", "bifpn_cbam.2"]
 BASELINE_TOTAL = 592_371
 # Original CBAM: channel MLP c*h + h + h*c + c (h = c // 16), spatial 7x7 conv 2*49 = 98 + BN 2.

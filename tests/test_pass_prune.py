@@ -22,8 +22,8 @@ from compressor.plugins import load_registry
 from compressor.validate import output_drift
 from featherface.modules import SSH, ChannelShuffleBlock, DeformableConv2d
 from featherface.modules.bifpn import FusionWeights
-from plugins.featherface_family import FAMILY
-from plugins.prune import (
+from compressor_plugins.featherface_family import FAMILY
+from compressor_plugins.prune import (
     DEFORMABLE_PRUNER,
     Prune,
     dependency_graph,
@@ -31,7 +31,7 @@ from plugins.prune import (
     shuffle_permutation,
     shuffles_folded,
 )
-from plugins.prune import PruneParams as Params
+from compressor_plugins.prune import PruneParams as Params
 
 HEAD_OUT = {"class_convs": 4, "box_convs": 8, "landmark_convs": 20}
 
@@ -145,7 +145,11 @@ def test_prune_one_component(component, baseline, example):
         assert torch.equal(a, b)
 
     if component in EXACT:
-        _assert_same_outputs(pruned, _outputs(_zeroed(baseline, record), example))
+        # In float64: the identity is exact, but float32 rounding differs between a
+        # narrower layer and a zeroed one, and the network amplifies it to ~1e-3.
+        zeroed = copy.deepcopy(_zeroed(baseline, record)).double()
+        _assert_same_outputs(_outputs(copy.deepcopy(model).double(), example.double()),
+                             _outputs(zeroed, example.double()))
         assert output_drift(original, pruned) > 1.0  # the check above is not vacuous
 
 
@@ -357,7 +361,7 @@ def test_pruned_checkpoint_reloads_exactly(baseline, example, tmp_path):
 def test_until_reaches_a_parameter_budget_in_steps(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        "plugins: [plugins.prune]\ninput_size: 64\nseed: 3\nstages:\n"
+        "plugins: [compressor_plugins.prune]\ninput_size: 64\nseed: 3\nstages:\n"
         "  - pass: prune\n    params: {ratio: 0.1}\n    until: {total: 450000, max_repeats: 20}\n"
     )
     out = tmp_path / "run"
@@ -420,7 +424,7 @@ def test_carried_weights_drift_less_than_a_reinitialised_copy(ratios, margin, re
     ],
 )
 def test_bad_params_are_refused_by_check(params, named, baseline, example):
-    registry = load_registry(["plugins.prune"])
+    registry = load_registry(["compressor_plugins.prune"])
     pass_cls = registry.get_pass("prune")
     model = copy.deepcopy(baseline)
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -20,7 +20,7 @@ from compressor.validate import output_drift
 from featherface.modules.bifpn import Projection, SeparableConvBN
 from featherface.modules.deform import DeformableConv2d
 from plugins import bifpn_slim, ssh_slim
-from plugins.featherface_family import FAMILY
+from compressor_plugins.featherface_family import FAMILY
 
 BASELINE_TOTAL = 592_371
 BASELINE_BIFPN = 112_606
@@ -31,7 +31,7 @@ BASELINE_CBAM = 13_568
 
 @pytest.fixture(scope="module")
 def registry():
-    return load_registry(["plugins.bifpn_slim", "plugins.ssh_slim"])
+    return load_registry(["compressor_plugins.bifpn_slim", "compressor_plugins.ssh_slim"])
 
 
 @pytest.fixture
@@ -361,7 +361,7 @@ def test_compress_run_with_both_passes(tmp_path, registry):
     assert registry.get_pass("bifpn_slim").summary() and registry.get_pass("ssh_slim").summary()
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        "plugins: [plugins.bifpn_slim, plugins.ssh_slim]\ninput_size: 64\nseed: 1\nstages:\n"
+        "plugins: [compressor_plugins.bifpn_slim, compressor_plugins.ssh_slim]\ninput_size: 64\nseed: 1\nstages:\n"
         "  - pass: bifpn_slim\n    params: {channels: 32, cells: 2}\n"
         "  - pass: ssh_slim\n    params: {conv: plain, width_ratio: 0.5}\n"
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from compressor.errors import UsageError
-from compressor.plugins import collect, get_plugin_manager, load_registry
+from compressor.plugins import collect, build_plugin_manager, load_registry
 
 TOY = Path(__file__).parent / "fixtures" / "toy_passes.py"
 
@@ -37,7 +37,7 @@ def test_duplicate_pass_names_name_both_plugins(tmp_path):
         "@hookimpl\ndef compressor_passes():\n    return [Other]\n"
     )
     with pytest.raises(UsageError) as info:
-        collect(get_plugin_manager([str(TOY), str(clone)]))
+        collect(build_plugin_manager([str(TOY), str(clone)]))
     assert str(TOY) in str(info.value) and str(clone) in str(info.value) and "'identity'" in str(info.value)
 
 
@@ -49,5 +49,5 @@ def test_plugin_returning_a_non_pass_is_refused(tmp_path):
 
 
 def test_module_path_plugin():
-    registry = load_registry(["plugins.featherface_family"])
+    registry = load_registry(["compressor_plugins.featherface_family"])
     assert "featherface" in registry.families

@@ -17,7 +17,7 @@ import compressor.pytest_plugin
 import featherface
 from compressor import assert_budget
 from compressor.checkpoint import save_checkpoint
-from plugins.featherface_family import FAMILY
+from compressor_plugins.featherface_family import FAMILY
 
 pytest_plugins = ["pytester"]
 
