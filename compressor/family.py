@@ -9,12 +9,38 @@ models only through it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+@dataclass
+class PruningHints:
+    """What a family tells structured pruning about its own layers (all optional).
+
+    Generic pruning (torch-pruning's dependency graph) handles standard layers;
+    a family with layers the graph cannot see through says so here.
+    """
+
+    #: torch-pruning pruning functions (``BasePruningFunc`` instances) by module type, for
+    #: layers that apply their weights functionally or hold weights with no channel axis.
+    custom_pruners: dict[type[nn.Module], Any] = field(default_factory=dict)
+    #: Modules to leave out of tracing: their ops have no channel index (e.g. a reduction
+    #: over channels), so the graph must not couple them to the features' channels.
+    untraced: list[nn.Module] = field(default_factory=list)
+    #: Sets of modules whose layers share one width: groups pruned inside one set
+    #: remove the same number of channels.
+    tied: list[list[nn.Module]] = field(default_factory=list)
+    #: Channel-group sizes a module's input width must stay divisible by (module, divisor).
+    divisors: list[tuple[nn.Module, int]] = field(default_factory=list)
+    #: Entered around building the graph and pruning, e.g. to fold a fixed channel
+    #: permutation into the next layer's weights and back out afterwards.
+    context: Callable[[nn.Module], AbstractContextManager] = lambda model: nullcontext()
 
 
 class ModelFamily(ABC):
@@ -26,8 +52,15 @@ class ModelFamily(ABC):
     description: str = ""
     #: The accounting components, in display order; ``other`` is added by the engine.
     components: tuple[str, ...] = ()
-    #: (height, width) used when no input size is given.
+    #: (height, width) used when neither the command nor the model's recipe gives one.
     default_input_size: tuple[int, int] = (640, 640)
+    #: The headline accuracy metric (a key of :meth:`evaluate`'s result): budgets'
+    #: ``max_accuracy_drop``, plots and summaries use it.
+    metric: str = ""
+    #: What ``data.root`` means when a recipe leaves it empty, for help texts and reports.
+    default_data: str = ""
+    #: How the costs in ``MacCount.extra`` are counted, by kind, for people reading them.
+    counting_notes: dict[str, str] = {}
 
     @abstractmethod
     def recognises(self, model: nn.Module) -> bool:
@@ -57,6 +90,14 @@ class ModelFamily(ABC):
         raises :class:`compressor.errors.UsageError` when it is but cannot be loaded.
         """
         return None
+
+    def output_layers(self, model: nn.Module) -> list[nn.Module]:
+        """The layers whose output channels are the model's outputs: passes must keep their widths."""
+        return []
+
+    def pruning_hints(self, model: nn.Module) -> PruningHints:
+        """What structured pruning must know about this family's special layers in ``model``."""
+        return PruningHints()
 
     def check_input_size(self, height: int, width: int) -> None:
         """Raise :class:`compressor.errors.UsageError` for input sizes the family cannot take."""
