@@ -145,11 +145,10 @@ def _count(loaded: Any, macs_size: int) -> dict[str, Any]:
 
     from compressor import accounting
 
-    family = loaded.family
-    params = accounting.count_parameters(loaded.model, family.component_of, family.components)
-    macs = accounting.count_macs(loaded.model, family.example_input(macs_size, macs_size, batch_size=1))
-    return {"resolved": loaded.source, "family": family.name, "params": params.to_dict(),
-            "macs": {"input_size": [macs_size, macs_size], "batch_size": 1, "macs": macs.macs, "extra": macs.extra},
+    measured = accounting.measure(loaded.model, loaded.family, (macs_size, macs_size))
+    return {"resolved": loaded.source, "family": loaded.family.name, "params": measured.params.to_dict(),
+            "macs": {"input_size": [macs_size, macs_size], "batch_size": 1, "macs": measured.macs,
+                     "extra": measured.extra_macs},
             "torch": torch.__version__}
 
 
@@ -169,15 +168,15 @@ def _measure_run(args: argparse.Namespace) -> dict[str, Any]:
     loaded = open_model(args.source)
     for size in args.check_sizes + [args.size]:  # fail before minutes of timing, not after
         loaded.family.check_input_size(size, size)
-    example = loaded.family.example_input(args.size, args.size, batch_size=1)
+    loaded.family.example_input(args.size, args.size, batch_size=1)  # warm what building an input costs
     # The reference point: interpreter, torch and plugins imported, model and input in memory.
     after_load = current_rss_bytes()
     peak_before_forwards = peak_rss_bytes()
-    latency = accounting.measure_latency(loaded.model, example, runs=args.runs, warmup=args.warmup,
-                                         threads=args.threads)
+    measured = accounting.measure(loaded.model, loaded.family, (args.size, args.size), macs=False,
+                                  latency_runs=args.runs, latency_warmup=args.warmup, threads=args.threads)
     peak = peak_rss_bytes()
     result: dict[str, Any] = {
-        "latency": latency.to_dict(),
+        "latency": measured.latency.to_dict(),
         "memory": {
             "peak_rss_mib": peak / MIB,
             "rss_after_load_mib": after_load / MIB,

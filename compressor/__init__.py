@@ -18,13 +18,14 @@ hookimpl = pluggy.HookimplMarker("compressor")
 _LAZY = {
     "Pass": ".passes",
     "PassContext": ".passes",
+    "PassResult": ".passes",
     "load_model": ".checkpoint",
     "assert_budget": ".testing",
 }
 
 if TYPE_CHECKING:
     from .checkpoint import load_model
-    from .passes import Pass, PassContext
+    from .passes import Pass, PassContext, PassResult
     from .testing import assert_budget
 
 
@@ -38,4 +39,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'compressor' has no attribute {name!r}")
 
 
-__all__ = ["Pass", "PassContext", "assert_budget", "hookimpl", "load_model"]
+__all__ = ["Pass", "PassContext", "PassResult", "assert_budget", "hookimpl", "load_model"]

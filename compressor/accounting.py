@@ -11,20 +11,28 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import pydantic
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .family import ModelFamily
 
 OTHER = "other"
 
 
-@dataclass
-class ParameterCount:
+class ParameterCount(pydantic.BaseModel):
+    """Parameters in all and per component; the components sum to the total."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
     total: int
     components: dict[str, int]
 
     def to_dict(self) -> dict:
-        return {"total": self.total, "components": dict(self.components)}
+        return self.model_dump()
 
 
 def unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -118,8 +126,11 @@ def count_macs(model: nn.Module, example_input: Tensor) -> MacCount:
     return MacCount(macs=macs, extra=totals, input_size=(example_input.shape[-2], example_input.shape[-1]))
 
 
-@dataclass
-class Latency:
+class Latency(pydantic.BaseModel):
+    """Median CPU wall time of batch forwards."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
     median_ms: float
     threads: int
     runs: int
@@ -128,7 +139,7 @@ class Latency:
     batch_size: int
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__, input_size=list(self.input_size))
+        return self.model_dump(mode="json")
 
 
 @torch.no_grad()
@@ -159,3 +170,42 @@ def measure_latency(model: nn.Module, example_input: Tensor, runs: int = 20, war
         input_size=(example_input.shape[-2], example_input.shape[-1]),
         batch_size=example_input.shape[0],
     )
+
+
+class Measurement(pydantic.BaseModel):
+    """What a model costs: parameters by component, MACs (with the family's notes on how), latency.
+
+    The one measurement the runner records per stage, ``compress inspect``
+    prints, ``assert_budget`` and ``sensitivity`` check, and the benchmarks use.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    params: ParameterCount
+    macs: int = pydantic.Field(description="Conv and linear MACs of one forward, batch 1.")
+    extra_macs: dict[str, int] = pydantic.Field(default_factory=dict, description="Costs counted apart, by kind.")
+    counting_notes: dict[str, str] = pydantic.Field(default_factory=dict, description="How each extra kind is counted.")
+    input_size: tuple[int, int]
+    latency: Latency | None = None
+
+
+def measure(model: nn.Module, family: ModelFamily, input_size: tuple[int, int], *,
+            device: torch.device | None = None, macs: bool = True,
+            latency_runs: int = 0, latency_warmup: int = 5, threads: int = 1) -> Measurement:
+    """Measure ``model`` as its family counts it: parameters always, MACs at ``input_size``, latency on request."""
+    height, width = input_size
+    params = count_parameters(model, family.component_of, family.components)
+    mac_count = MacCount(macs=0)
+    example = None
+    if macs or latency_runs:
+        example = family.example_input(height, width, batch_size=1)
+        if device is not None:
+            example = example.to(device)
+    if macs:
+        mac_count = count_macs(model, example)
+    notes = {kind: family.counting_notes[kind] for kind in mac_count.extra if kind in family.counting_notes}
+    latency = None
+    if latency_runs:
+        latency = measure_latency(model, example, runs=latency_runs, warmup=latency_warmup, threads=threads)
+    return Measurement(params=params, macs=mac_count.macs, extra_macs=mac_count.extra, counting_notes=notes,
+                       input_size=(height, width), latency=latency)

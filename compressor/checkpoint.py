@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from .atomic import atomic_write_bytes
 from .errors import UsageError
 from .family import ModelFamily
 from .plugins import Registry, load_registry
+
+if TYPE_CHECKING:
+    from .record import PassEntry
 
 FORMAT = "compressor.checkpoint/1"
 FINAL_NAME = "final.pt"
@@ -30,17 +33,17 @@ def save_checkpoint(
     family: ModelFamily,
     *,
     recipe: dict | None = None,
-    passes: list[dict] | None = None,
+    passes: list[PassEntry] | None = None,
     extra: dict | None = None,
 ) -> None:
-    """Save ``model`` as weights plus its family's spec, atomically."""
+    """Save ``model`` as weights plus its family's spec, atomically; ``passes`` are those applied so far."""
     content = {
         "format": FORMAT,
         "family": family.name,
         "spec": family.spec_of(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "recipe": recipe,
-        "passes": passes or [],
+        "passes": [p.model_dump(mode="json", by_alias=True) for p in passes or []],
     }
     content.update(extra or {})
     atomic_write_bytes(path, lambda handle: torch.save(content, handle))
@@ -65,6 +68,15 @@ class LoadedModel:
     model: nn.Module
     source: str
     checkpoint: dict = field(default_factory=dict)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The size the model was made for: its recipe's input size, else its family's default."""
+        recipe = self.checkpoint.get("recipe")
+        size = recipe.get("input_size") if isinstance(recipe, dict) else None
+        if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+            return (size[0], size[1])
+        return self.family.default_input_size
 
 
 def resolve_checkpoint_path(path: Path) -> Path:

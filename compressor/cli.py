@@ -14,10 +14,23 @@ from typing import Any
 import click
 
 from . import accounting
-from .checkpoint import open_model
-from .errors import CompressorError
+from .checkpoint import LoadedModel, open_model
+from .errors import CompressorError, UsageError
 from .inputs import parse_input_size
 from .plugins import App, Registry
+from .session import DEVICES, resolve_device
+
+
+def _version() -> str:
+    """This distribution's version, found by the package rather than by a hard-coded name."""
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+    for distribution in packages_distributions().get(__package__ or "compressor", []):
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def _fail(message: str, code: int) -> None:
@@ -44,41 +57,85 @@ def handle_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def registry_from(ctx: click.Context) -> Registry:
+# ------------------------------------------------------------ the command's App
+
+def app_from(ctx: click.Context, plugins: tuple[str, ...] | list[str] = ()) -> App:
+    """The command's one :class:`App`, with the command's ``--plugin`` options added."""
     root = ctx.find_root()
     if root.obj is None:
-        root.obj = App.create()
-    return root.obj.registry
+        root.obj = App.create(root.params.get("plugins") or ())
+    app: App = root.obj
+    app.add_plugins(plugins)
+    return app
+
+
+def registry_from(ctx: click.Context, plugins: tuple[str, ...] | list[str] = ()) -> Registry:
+    return app_from(ctx, plugins).registry
 
 
 class CompressGroup(click.Group):
-    """Lets plugins add commands before the command line is parsed."""
+    """Adds the commands plugins provide, collected once per invocation from its App."""
 
-    _plugins_loaded = False
-
-    def _load_plugin_commands(self) -> None:
-        if not self._plugins_loaded:
-            self._plugins_loaded = True
+    def _plugin_commands(self, ctx: click.Context) -> dict[str, click.Command]:
+        meta = ctx.find_root().meta
+        if "compressor.commands" not in meta:
+            collector = click.Group()
+            meta["compressor.commands"] = collector.commands
             try:
-                app = App.create()
-                click.get_current_context().find_root().obj = app
-                app.pm.hook.compressor_commands(cli=self, app=app)
+                app = app_from(ctx)
+                app.pm.hook.compressor_commands(cli=collector, app=app)
             except CompressorError as err:
                 _fail(str(err), err.exit_code)
+        return meta["compressor.commands"]
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        self._load_plugin_commands()
-        return super().list_commands(ctx)
+        return sorted({*super().list_commands(ctx), *self._plugin_commands(ctx)})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        self._load_plugin_commands()
-        return super().get_command(ctx, name)
+        return super().get_command(ctx, name) or self._plugin_commands(ctx).get(name)
+
+
+# ------------------------------------------------------------ options every command spells the same way
+
+PLUGIN_HELP = "Load a plugin (dotted module path or .py file), or disable one by name with no:NAME. Repeatable."
+
+
+def plugin_option(command: Callable) -> Callable:
+    return click.option("-p", "--plugin", "plugins", multiple=True, metavar="PLUGIN", help=PLUGIN_HELP)(command)
+
+
+def device_option(command: Callable) -> Callable:
+    return click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+                        help="Where to compute; an unavailable device is refused.")(command)
+
+
+def json_option(command: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")(command)
+
+
+def input_size_option(command: Callable) -> Callable:
+    return click.option("--input-size", "input_size", default=None, metavar="H|HxW",
+                        help="Input size (height x width); default: the model's recipe's, else its family's.")(command)
+
+
+def overrides_option(command: Callable) -> Callable:
+    return click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                        help="Override a recipe field (repeatable), e.g. --set finetune.lr=0.0005.")(command)
+
+
+def chosen_input_size(loaded: LoadedModel, given: str | None) -> tuple[int, int]:
+    """``--input-size`` if given, else the model's own size; checked against its family."""
+    size = parse_input_size(given) if given else loaded.input_size
+    loaded.family.check_input_size(*size)
+    return size
 
 
 @click.group(cls=CompressGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
-@click.version_option(package_name="featherface-compressor", prog_name="compress")
-def cli(debug: bool) -> None:
+@click.option("-p", "--plugin", "plugins", multiple=True, metavar="PLUGIN",
+              help=PLUGIN_HELP + " Given here, it applies to every command (and may add commands).")
+@click.version_option(prog_name="compress", version=_version())
+def cli(debug: bool, plugins: tuple[str, ...]) -> None:
     """Compress PyTorch models pass by pass, with budgets, checks and resumable checkpoints.
 
     Exit codes: 0 ok, 1 a check failed, 2 bad input or usage.
@@ -100,59 +157,61 @@ def component_table(components: dict[str, int], total: int) -> list[str]:
 
 
 @cli.command()
-@click.argument("model", metavar="[FAMILY | CHECKPOINT | RUN_DIR]", default="featherface")
-@click.option("--input-size", "input_size", default="640", show_default=True, help="H or HxW for MACs and latency.")
+@click.argument("model", metavar="[FAMILY | CHECKPOINT | RUN_DIR]", required=False)
+@input_size_option
 @click.option("--latency-runs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also time this many CPU forwards at batch 1 (median reported); 0 skips timing.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="CPU threads for timing.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@device_option
+@plugin_option
+@json_option
 @handle_errors
-def inspect(model: str, input_size: str, latency_runs: int, threads: int, as_json: bool) -> None:
+def inspect(model: str | None, input_size: str | None, latency_runs: int, threads: int, device: str,
+            plugins: tuple[str, ...], as_json: bool) -> None:
     """Parameters per component, MACs and (optionally) CPU latency of a model.
 
     MODEL is a model family's name (its baseline architecture), a checkpoint
-    (ours, or one the family knows, e.g. the original FeatherFace's), or a run
-    folder (its final model).
+    (ours, or one a family reads natively, such as an original implementation's
+    weights), or a run folder (its final model).  Left out, it is the baseline
+    of the only registered family.
     """
-    loaded = open_model(model, registry_from(click.get_current_context()))
-    family = loaded.family
-    height, width = parse_input_size(input_size)
-    family.check_input_size(height, width)
-    params = accounting.count_parameters(loaded.model, family.component_of, family.components)
-    example = family.example_input(height, width, batch_size=1)
-    macs = accounting.count_macs(loaded.model, example)
-    result: dict[str, Any] = {
-        "total": params.total,
-        "components": params.components,
-        "macs": macs.macs,
-        "input_size": [height, width],
-        "extra_macs": macs.extra,
-        "model": loaded.source,
-        "family": family.name,
-    }
-    if latency_runs:
-        result["latency"] = accounting.measure_latency(loaded.model, example, runs=latency_runs, threads=threads).to_dict()
+    ctx = click.get_current_context()
+    registry = registry_from(ctx, plugins)
+    if model is None:
+        if len(registry.families) != 1:
+            raise UsageError(f"give a MODEL (families: {', '.join(registry.families) or 'none registered'})")
+        model = next(iter(registry.families))
+    loaded = open_model(model, registry)
+    size = chosen_input_size(loaded, input_size)
+    where = resolve_device(device)
+    measurement = accounting.measure(loaded.model.to(where), loaded.family, size, device=where,
+                                     latency_runs=latency_runs, threads=threads)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps({"model": loaded.source, "family": loaded.family.name,
+                               **measurement.model_dump(mode="json")}, indent=2))
         return
-    click.echo(f"{loaded.source} ({family.name})")
+    params = measurement.params
+    click.echo(f"{loaded.source} ({loaded.family.name})")
     click.echo("parameters (each tensor counted once):")
     for line in component_table(params.components, params.total):
         click.echo(line)
-    click.echo(f"MACs at {height}x{width}, batch 1: {format_count(macs.macs)} ({macs.macs / 1e9:.3f} G)"
+    height, width = size
+    click.echo(f"MACs at {height}x{width}, batch 1: {format_count(measurement.macs)} ({measurement.macs / 1e9:.3f} G)"
                "  [convs and linear layers; BN, activations, pooling, resizing not counted]")
-    for kind, value in macs.extra.items():
-        click.echo(f"  plus {kind}: {format_count(value)}  [not in MACs above; 4 MACs per bilinear sample + 1 for modulation]"
-                   if kind == "deform_sampling_macs" else f"  plus {kind}: {format_count(value)}")
-    if latency_runs:
-        lat = result["latency"]
-        click.echo(f"CPU latency: median {lat['median_ms']:.1f} ms over {lat['runs']} runs "
-                   f"(after {lat['warmup']} warm-up), {lat['threads']} thread(s), batch 1")
+    for kind, value in measurement.extra_macs.items():
+        note = measurement.counting_notes.get(kind)
+        click.echo(f"  plus {kind}: {format_count(value)}" + (f"  [{note}]" if note else ""))
+    if measurement.latency is not None:
+        lat = measurement.latency
+        click.echo(f"CPU latency: median {lat.median_ms:.1f} ms over {lat.runs} runs "
+                   f"(after {lat.warmup} warm-up), {lat.threads} thread(s), batch 1")
 
 
 def type_name(annotation: Any) -> str:
     """A readable type: ``'l1' | 'bn'`` for Literals, ``dict[str, float]``, ``int | None``."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return type_name(args[0])
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -176,12 +235,12 @@ def _params_lines(params_model: type) -> list[str]:
 
 
 @cli.command()
-@click.option("--plugin", "plugins", multiple=True, help="Also load this plugin (module path or .py file).")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@plugin_option
+@json_option
 @handle_errors
 def passes(plugins: tuple[str, ...], as_json: bool) -> None:
     """List every registered pass with its description and params."""
-    registry = App.create(plugins).registry if plugins else registry_from(click.get_current_context())
+    registry = registry_from(click.get_current_context(), plugins)
     if as_json:
         click.echo(json.dumps({
             name: {"summary": cls.summary(), "plugin": registry.pass_sources[name], "lossless": cls.lossless,
@@ -197,17 +256,26 @@ def passes(plugins: tuple[str, ...], as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@plugin_option
+@json_option
 @handle_errors
-def families(as_json: bool) -> None:
-    """List the registered model families."""
-    registry = registry_from(click.get_current_context())
+def families(plugins: tuple[str, ...], as_json: bool) -> None:
+    """List the registered model families: components, metric, default data."""
+    registry = registry_from(click.get_current_context(), plugins)
+    described = {
+        name: {"description": f.description, "components": list(f.components), "metric": f.metric or None,
+               "default_input_size": list(f.default_input_size), "default_data": f.default_data or None}
+        for name, f in registry.families.items()
+    }
     if as_json:
-        click.echo(json.dumps({n: {"description": f.description, "components": list(f.components)}
-                               for n, f in registry.families.items()}, indent=2))
+        click.echo(json.dumps(described, indent=2))
         return
-    for name, family in registry.families.items():
-        click.echo(f"{name}  - {family.description}")
+    for name, info in described.items():
+        click.echo(f"{name}  - {info['description']}")
+        click.echo(f"    components: {', '.join(info['components'])}; metric: {info['metric'] or 'none'}; "
+                   f"input size {'x'.join(map(str, info['default_input_size']))}")
+        if info["default_data"]:
+            click.echo(f"    default data: {info['default_data']}")
 
 
 @cli.command()
@@ -220,73 +288,79 @@ def schema() -> None:
 
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe field (repeatable).")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@overrides_option
+@plugin_option
+@json_option
 @handle_errors
-def validate(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
+def validate(recipe: Path, overrides: tuple[str, ...], plugins: tuple[str, ...], as_json: bool) -> None:
     """Check a recipe without running it: keys, types, passes, params, files, budgets."""
-    from .plugins import load_registry
-    from .recipe import check_against_registry, load_recipe
+    from .session import open_recipe
 
-    parsed, _ = load_recipe(recipe, overrides)
-    registry = load_registry(parsed.plugins, base_dir=recipe.parent)
-    check_against_registry(parsed, registry, recipe)
-    registry.get_family(parsed.model.family).check_input_size(*parsed.input_size)
+    opened = open_recipe(recipe, app_from(click.get_current_context(), plugins), overrides=overrides)
+    labels = [s.label for s in opened.recipe.stages]
     if as_json:
-        click.echo(json.dumps({"ok": True, "stages": [s.label for s in parsed.stages]}))
+        click.echo(json.dumps({"ok": True, "family": opened.family.name, "stages": labels}))
     else:
-        click.echo(f"{recipe}: ok ({len(parsed.stages)} stages: {', '.join(s.label for s in parsed.stages)})")
+        click.echo(f"{recipe}: ok ({opened.family.name}, {len(labels)} stages: {', '.join(labels)})")
 
 
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder (default: runs/<recipe name>).")
+              help="The run folder it writes (default: runs/<recipe name>).")
 @click.option("--resume", is_flag=True, help="Continue the run in the run folder after its last completed stage.")
-@click.option("--no-finetune", is_flag=True, help="Apply passes with structural and budget checks only (fast).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe field (repeatable).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--no-finetune", is_flag=True,
+              help="Skip finetuning and accuracy evaluation: passes, structural checks and budgets only (fast); "
+                   "an accuracy budget is then reported as not checked.")
+@overrides_option
+@device_option
+@plugin_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON on stdout.")
+@json_option
 @handle_errors
 def run(recipe: Path, out_dir: Path | None, resume: bool, no_finetune: bool, overrides: tuple[str, ...],
-        device: str, quiet: bool, as_json: bool) -> None:
+        device: str, plugins: tuple[str, ...], quiet: bool, as_json: bool) -> None:
     """Run a compression recipe: apply each stage's pass, validate, finetune, measure, checkpoint.
 
     The run folder holds a checkpoint per stage, report.json / report.md / plots,
-    and final.pt.  Interrupted runs continue with --resume.
+    and final.pt.  Interrupted runs continue with --resume (with the same options).
     """
     from .runner import RunOptions, run_recipe
+    from .session import open_recipe
 
-    options = RunOptions(out_dir=out_dir, resume=resume, finetune=not no_finetune, device=device,
-                         overrides=list(overrides), quiet=quiet)
-    report = run_recipe(recipe, options)
+    opened = open_recipe(recipe, app_from(click.get_current_context(), plugins), overrides=overrides,
+                         device=device, out_dir=out_dir)
+    record = run_recipe(opened, RunOptions(resume=resume, finetune=not no_finetune, quiet=quiet))
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(record.model_dump_json(indent=2, by_alias=True))
 
 
 @cli.command("train")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (default: runs/<recipe name>).")
+              help="The training folder it writes (default: runs/<recipe name>).")
 @click.option("--resume", is_flag=True, help="Continue from the folder's last checkpoint.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe field (repeatable).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--no-eval", is_flag=True, help="Skip the evaluation at the end.")
+@overrides_option
+@device_option
+@plugin_option
+@click.option("--no-eval", is_flag=True, help="Skip the accuracy evaluation of the trained model at the end.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@click.option("--json", "as_json", is_flag=True, help="Print the training report as JSON on stdout.")
+@json_option
 @handle_errors
 def train_command(recipe: Path, out_dir: Path | None, resume: bool, overrides: tuple[str, ...], device: str,
-                  no_eval: bool, quiet: bool, as_json: bool) -> None:
+                  plugins: tuple[str, ...], no_eval: bool, quiet: bool, as_json: bool) -> None:
     """Train a model from a training recipe (model, data, train settings).
 
     Writes last.pt (resumable, every train.checkpoint_every steps), final.pt and
     train_report.json into the output folder.
     """
+    from .recipe import TrainRecipe
+    from .session import open_recipe
     from .train_run import TrainOptions, train_recipe
 
-    report = train_recipe(recipe, TrainOptions(out_dir=out_dir, resume=resume, device=device,
-                                               overrides=list(overrides), quiet=quiet, evaluate=not no_eval))
+    opened = open_recipe(recipe, app_from(click.get_current_context(), plugins), overrides=overrides,
+                         kind=TrainRecipe, device=device, out_dir=out_dir)
+    report = train_recipe(opened, TrainOptions(resume=resume, quiet=quiet, evaluate=not no_eval))
     if as_json:
         click.echo(json.dumps(report, indent=2))
 

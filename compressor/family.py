@@ -24,19 +24,26 @@ class PruningHints:
     """What a family tells structured pruning about its own layers (all optional).
 
     Generic pruning (torch-pruning's dependency graph) handles standard layers;
-    a family with layers the graph cannot see through says so here.
+    a family with layers the graph cannot see through says so here.  The layers
+    whose output channels are the model's outputs are not a hint: they come from
+    :meth:`ModelFamily.output_layers`, which every pass may ask.
     """
 
     #: torch-pruning pruning functions (``BasePruningFunc`` instances) by module type, for
     #: layers that apply their weights functionally or hold weights with no channel axis.
+    #: A pruner whose ``get_out_channels`` gives a number roots channel groups of its own;
+    #: one with an ``importance_layer(layer) -> nn.Module`` method has ``layer`` scored
+    #: for importance as that standard layer (e.g. the conv whose weight it applies).
     custom_pruners: dict[type[nn.Module], Any] = field(default_factory=dict)
     #: Modules to leave out of tracing: their ops have no channel index (e.g. a reduction
     #: over channels), so the graph must not couple them to the features' channels.
     untraced: list[nn.Module] = field(default_factory=list)
-    #: Sets of modules whose layers share one width: groups pruned inside one set
-    #: remove the same number of channels.
+    #: Sets of modules whose layers share one width: every group that prunes output channels
+    #: of a layer inside a set removes the same number of channels (the smallest any of them
+    #: would); a group that reaches into several sets ties those sets together.
     tied: list[list[nn.Module]] = field(default_factory=list)
-    #: Channel-group sizes a module's input width must stay divisible by (module, divisor).
+    #: Channel-group sizes a module's input width must stay divisible by (module, divisor):
+    #: a group that prunes the module's input channels removes a multiple of the divisor.
     divisors: list[tuple[nn.Module, int]] = field(default_factory=list)
     #: Entered around building the graph and pruning, e.g. to fold a fixed channel
     #: permutation into the next layer's weights and back out afterwards.
@@ -113,8 +120,11 @@ class ModelFamily(ABC):
 
     supports_training: bool = False
 
-    def load_pretrained(self, model: nn.Module, path: Path) -> None:
-        """Initialise part of ``model`` from a pretrained checkpoint (e.g. an ImageNet backbone)."""
+    def load_pretrained(self, model: nn.Module, content: object, source: str) -> None:
+        """Initialise part of ``model`` from a pretrained checkpoint's ``content`` (e.g. an ImageNet backbone).
+
+        The engine reads the file (``source``, for messages) with ``weights_only=True``.
+        """
         raise NotImplementedError(f"model family {self.name} has no pretrained initialisation")
 
     def training_batches(self, data_root: Path | None, input_size: tuple[int, int], batch_size: int, seed: int,

@@ -22,13 +22,23 @@ class NoParams(pydantic.BaseModel):
 class PassContext:
     """What a pass may need besides the model and its params."""
 
+    #: The model's family: its components, output layers and pruning hints.
     family: ModelFamily
+    #: A fixed, image-like batch (for tracing and data-driven importance).
     example_input: Tensor
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    teacher: nn.Module | None = None
-    data: Any = None
-    logger: Any = None
-    stage_name: str = ""
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What :meth:`Pass.apply` may return instead of the bare model.
+
+    ``record`` (JSON-able: numbers, strings, lists, dicts) says what the pass did,
+    e.g. the channels removed per group, and lands in the stage's report entry.
+    """
+
+    model: nn.Module
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 class Pass:
@@ -36,20 +46,23 @@ class Pass:
 
     Subclasses set ``name``, write a one-line docstring (shown by
     ``compress passes``), optionally define a pydantic ``Params`` model, and
-    implement :meth:`apply`.  A pass that can tell up front that its params do
-    not fit the model implements :meth:`check`, which runs before any weights
-    are touched.
+    implement :meth:`apply`.  ``Params`` carries every check that needs no model
+    (pydantic ``Field`` bounds and validators), so ``compress validate`` catches
+    bad values before any model is loaded; a pass that can tell up front that its
+    params do not fit a given model implements :meth:`check`, which runs before
+    any weights are touched.
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[pydantic.BaseModel]] = NoParams
-    #: A lossless pass must leave the outputs unchanged (the runner reports the drift either way).
+    #: A lossless pass must leave the outputs unchanged: the engine fails its stage on any drift.
     lossless: ClassVar[bool] = False
 
     def check(self, model: nn.Module, params: Any, ctx: PassContext) -> None:
         """Raise ValueError naming the param when ``params`` cannot apply to ``model``."""
 
-    def apply(self, model: nn.Module, params: Any, ctx: PassContext) -> nn.Module:
+    def apply(self, model: nn.Module, params: Any, ctx: PassContext) -> nn.Module | PassResult:
+        """The compressed model (it may be ``model`` changed in place), or a :class:`PassResult`."""
         raise NotImplementedError
 
     @classmethod

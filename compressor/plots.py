@@ -1,20 +1,29 @@
-"""Small, dependency-free PNG charts drawn with Pillow: stacked bars and labelled line plots.
+"""PNG charts drawn with matplotlib (Agg): stacked bars and labelled line plots.
 
-Deterministic: the same data gives the same bytes (no timestamps, no randomness).
-Text uses Pillow's built-in font (scalable where Pillow has FreeType, the fixed
-bitmap font otherwise), so nothing depends on the fonts installed on the machine.
+Every chart is its own :class:`~matplotlib.figure.Figure` rendered by ``FigureCanvasAgg``:
+no pyplot, no global figure state, and the user's matplotlib backend is never touched.
+Charts are drawn under matplotlib's default style (plus ``_STYLE``), whatever a
+``matplotlibrc`` says, with the fonts matplotlib ships, and the PNG carries no metadata,
+so the same data gives the same bytes.  (The style is set with ``rc_context`` for the
+duration of a chart: charts drawn from two threads at once could see each other's style.)
+matplotlib is imported on the first chart, not with this module, so commands that
+draw nothing do not pay for it.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw, ImageFont
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
+#: (width, height) in pixels of every PNG.
 SIZE = (900, 500)
+DPI = 100
 
 #: Distinct colours (the "tab10" palette), then a few more.
 PALETTE = (
@@ -23,21 +32,33 @@ PALETTE = (
     "#393b79", "#ad494a", "#637939", "#7b4173",
 )
 
-BACKGROUND = "white"
 INK = "#222222"
 GRID = "#e3e3e3"
 AXIS = "#555555"
+NO_DATA = "nothing measured yet"
 
-Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
-
-
-@functools.lru_cache(maxsize=None)
-def font(size: int) -> Font:
-    """Pillow's default font at ``size`` pixels (the fixed bitmap font where that is all there is)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError, AttributeError):  # old Pillow, or no FreeType
-        return ImageFont.load_default()
+#: Style on top of matplotlib's defaults (which replace whatever the user's matplotlibrc says).
+_STYLE = {
+    "font.size": 10,
+    "axes.titlesize": 13,
+    "axes.titlepad": 10,
+    "figure.constrained_layout.h_pad": 0.1,   # inches
+    "figure.constrained_layout.w_pad": 0.1,
+    "axes.labelsize": 10,
+    "axes.edgecolor": AXIS,
+    "axes.labelcolor": INK,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "xtick.color": AXIS,
+    "ytick.color": AXIS,
+    "xtick.labelcolor": INK,
+    "ytick.labelcolor": INK,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "text.color": INK,
+    "legend.fontsize": 9,
+    "legend.title_fontsize": 10,
+}
 
 
 def colour(index: int) -> str:
@@ -107,79 +128,53 @@ def format_number(value: float, step: float | None = None) -> str:
     return f"{value:.1e}" if step else f"{value:.3g}"
 
 
-# ------------------------------------------------------------------ drawing helpers
+# ------------------------------------------------------------------ figure plumbing
 
 
-def _text_size(draw: ImageDraw.ImageDraw, text: str, fnt: Font) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=fnt)
-    return right - left, bottom - top
+def _render(draw: Callable[[Figure], None], size: tuple[int, int], layout: str | None) -> bytes:
+    """A fresh figure of ``size`` pixels, drawn by ``draw`` under the default style; its PNG bytes.
 
+    The PNG is written by Pillow from the rendered pixels, as a 256-colour palette image
+    (a chart has few colours; a third of the size of matplotlib's RGBA file, no visible
+    change) and without metadata: no software version, no date, so the bytes depend on
+    the data only.
+    """
+    import matplotlib
+    import matplotlib.style
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
 
-def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fnt: Font,
-          fill: str = INK, anchor: str = "la") -> None:
-    draw.text((round(xy[0]), round(xy[1])), text, font=fnt, fill=fill, anchor=anchor)
-
-
-def _vertical_text(image: Image.Image, centre: tuple[float, float], text: str, fnt: Font, fill: str = INK) -> None:
-    """Text rotated 90° (reading bottom to top), centred on ``centre``."""
-    probe = ImageDraw.Draw(image)
-    width, height = _text_size(probe, text, fnt)
-    layer = Image.new("L", (width + 4, height + 8), 0)
-    ImageDraw.Draw(layer).text((2, 4), text, font=fnt, fill=255, anchor="la")
-    layer = layer.rotate(90, expand=True)
-    ink = Image.new("RGB", layer.size, fill)
-    image.paste(ink, (round(centre[0] - layer.width / 2), round(centre[1] - layer.height / 2)), layer)
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, fnt: Font, width: float) -> str:
-    """``text``, cut with '..' until it fits in ``width`` pixels."""
-    if _text_size(draw, text, fnt)[0] <= width:
-        return text
-    while len(text) > 1 and _text_size(draw, text + "..", fnt)[0] > width:
-        text = text[:-1]
-    return text + ".."
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, fnt: Font, width: float, lines: int = 2) -> list[str]:
-    """Split ``text`` at '_', '-', ' ' or '.' into at most ``lines`` lines of ``width`` pixels."""
-    if _text_size(draw, text, fnt)[0] <= width:
-        return [text]
-    words: list[str] = []
-    current = ""
-    for char in text:
-        current += char
-        if char in "_- .":
-            words.append(current)
-            current = ""
-    if current:
-        words.append(current)
-    out: list[str] = []
-    line = ""
-    for word in words:
-        if line and _text_size(draw, line + word, fnt)[0] > width:
-            out.append(line)
-            line = word
-        else:
-            line += word
-    out.append(line)
-    if len(out) > lines:
-        out = out[: lines - 1] + ["".join(out[lines - 1:])]
-    return [_fit(draw, part, fnt, width) for part in out]
-
-
-def _png(image: Image.Image) -> bytes:
+    with matplotlib.style.context("default"), matplotlib.rc_context(_STYLE):
+        figure = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout=layout, facecolor="white")
+        canvas = FigureCanvasAgg(figure)
+        draw(figure)
+        canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3]
+    image = Image.fromarray(np.ascontiguousarray(pixels))  # uint8, height × width × 3: RGB
+    image = image.quantize(colors=256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def _title(draw: ImageDraw.ImageDraw, text: str, width: int) -> None:
-    fnt = font(18)
-    _text(draw, (width / 2, 14), _fit(draw, text, fnt, width - 20), fnt, anchor="ma")
+def _ticks(axis, ticks: list[float], fmt: Callable[[float, float | None], str]) -> None:
+    """Fixed ``ticks`` on ``axis``, written by ``fmt(value, step)``."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else None
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda value, _pos: fmt(value, step)))
 
 
-def _no_data(draw: ImageDraw.ImageDraw, box: tuple[float, float, float, float], message: str) -> None:
-    _text(draw, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), message, font(14), fill=AXIS, anchor="mm")
+def _positive(value: float) -> float:
+    value = float(value)
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
+def _no_data(ax: Axes) -> None:
+    ax.text(0.5, 0.5, NO_DATA, transform=ax.transAxes, ha="center", va="center", color=AXIS, fontsize=11)
 
 
 # ------------------------------------------------------------------ charts
@@ -202,67 +197,116 @@ def bar_chart_png(
     ``segments[name][i]`` is that segment's height in bar ``i``.  Segments that are zero
     in every bar are left out of the legend.  Returns PNG bytes.
     """
-    width, height = size
-    image = Image.new("RGB", size, BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    _title(draw, title, width)
-
-    names = [name for name, values in segments.items() if any(v for v in values)]
+    labels = [str(label) for label in labels]
+    heights = {name: [_positive(v) for v in values] for name, values in segments.items()}
+    names = [name for name, values in heights.items() if any(values)]
     colours = colours or {name: colour(i) for i, name in enumerate(segments)}
-    legend_font = font(13)
-    legend_width = max([_text_size(draw, name, legend_font)[0] for name in names] + [40]) + 40
-    left, top, right, bottom = 78, 56, width - legend_width - 20, height - (72 if x_label else 56)
-    totals = [sum(float(segments[name][i]) for name in segments) for i in range(len(labels))]
-
+    totals = [sum(values[i] for values in heights.values()) for i in range(len(labels))]
     ticks = nice_ticks(0.0, max(totals + [0.0]) * 1.08 or 1.0, 6)
-    y_max = ticks[-1]
-    step = ticks[1] - ticks[0] if len(ticks) > 1 else None
 
-    def y_of(value: float) -> float:
-        return bottom - (bottom - top) * value / y_max
+    def draw(figure: Figure) -> None:
+        ax = figure.add_subplot()
+        ax.set_title(title)
+        ax.set_ylabel(y_label)
+        if x_label:
+            ax.set_xlabel(x_label)
+        ax.set_ylim(0, ticks[-1])
+        _ticks(ax.yaxis, ticks, tick_format)
+        ax.grid(axis="y", color=GRID)
+        ax.set_axisbelow(True)
+        if not labels:
+            ax.set_xticks([])
+            _no_data(ax)
+            return
 
-    tick_font = font(12)
-    for tick in ticks:
-        y = y_of(tick)
-        draw.line([(left, y), (right, y)], fill=GRID, width=1)
-        draw.line([(left - 5, y), (left, y)], fill=AXIS, width=1)
-        _text(draw, (left - 8, y), tick_format(tick, step), tick_font, anchor="rm")
-    _vertical_text(image, (18, (top + bottom) / 2), y_label, font(13))
+        positions = range(len(labels))
+        bars = {}
+        base = [0.0] * len(labels)
+        for name, values in heights.items():
+            bars[name] = ax.bar(positions, values, bottom=base, width=0.62, color=colours[name],
+                                edgecolor="white", linewidth=0.8, label=name)
+            base = [b + v for b, v in zip(base, values)]
+        ax.set_xlim(-0.5, len(labels) - 0.5)
+        ax.set_xticks(list(positions), labels)
+        # labels wider than their bar's slot are slanted rather than run into each other
+        slot = size[0] * 0.7 / len(labels)
+        if max(len(label) for label in labels) * 6.5 > slot:
+            ax.tick_params(axis="x", labelrotation=25)
+            for text in ax.get_xticklabels():
+                text.set(horizontalalignment="right", rotation_mode="anchor")
+        if show_totals:
+            for i, total in enumerate(totals):
+                if total > 0:
+                    ax.annotate(tick_format(total, None), (i, total), xytext=(0, 3), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=9)
+        # top entry = top segment, as the bars read
+        ax.legend([bars[name] for name in reversed(names)], list(reversed(names)), title="components",
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, alignment="left")
 
-    if not labels:
-        _no_data(draw, (left, top, right, bottom), "nothing measured yet")
-    slot = (right - left) / max(len(labels), 1)
-    bar = min(slot * 0.62, 90)
-    label_font = font(12) if slot >= 60 else font(11)
-    for i, label in enumerate(labels):
-        x0 = left + slot * i + (slot - bar) / 2
-        base = 0.0
-        for name in segments:
-            value = float(segments[name][i])
-            if value <= 0:
-                continue
-            y_top, y_bottom = y_of(base + value), y_of(base)
-            draw.rectangle([x0, y_top, x0 + bar, y_bottom], fill=colours[name], outline="white")
-            base += value
-        if show_totals and totals[i] > 0:
-            _text(draw, (x0 + bar / 2, y_of(totals[i]) - 4), tick_format(totals[i], None), tick_font, anchor="md")
-        for line_no, line in enumerate(_wrap(draw, str(label), label_font, slot - 4, 2 if x_label else 3)):
-            _text(draw, (left + slot * (i + 0.5), bottom + 6 + 14 * line_no), line, label_font, anchor="ma")
+    return _render(draw, size, layout="constrained")
 
-    draw.line([(left, top), (left, bottom)], fill=AXIS, width=1)
-    draw.line([(left, bottom), (right, bottom)], fill=AXIS, width=1)
-    if x_label:
-        _text(draw, ((left + right) / 2, height - 10), x_label, font(13), anchor="md")
 
-    # legend, top entry = top segment, as the bars read
-    x_legend, y_legend = right + 20, top
-    _text(draw, (x_legend, y_legend), "components", font(13), fill=AXIS)
-    y_legend += 22
-    for name in reversed(names):
-        draw.rectangle([x_legend, y_legend + 1, x_legend + 14, y_legend + 15], fill=colours[name])
-        _text(draw, (x_legend + 22, y_legend + 8), name, legend_font, anchor="lm")
-        y_legend += 22
-    return _png(image)
+_GAP, _LINE = 8.0, 12.0  # points: label to point (clears the marker), one line of labels
+
+#: Where a point's label may go, in the order tried: (dx, dy) offset in points from the point
+#: and the label's alignment; further rows shift the same sides up and down.
+LABEL_CANDIDATES = [
+    candidate
+    for shift in (distance * _LINE for distance in range(6))
+    for candidate in (
+        (_GAP, shift, "left", "center"), (_GAP, -shift, "left", "center"),
+        (-_GAP, shift, "right", "center"), (-_GAP, -shift, "right", "center"),
+        (0.0, _GAP + shift, "center", "bottom"), (0.0, -_GAP - shift, "center", "top"),
+    )
+]
+_SHIFT = {"left": 0.0, "bottom": 0.0, "center": 0.5, "right": 1.0, "top": 1.0}
+
+
+def _place_labels(ax: Axes, points: Sequence[tuple[float, float, str]], marker_radius: float,
+                  fontsize: float = 9) -> list[tuple[float, float, float, float]]:
+    """Annotate each point with its label, beside it where the label covers no other label or point.
+
+    matplotlib measures the text; this only picks, per point, the first offset in
+    ``LABEL_CANDIDATES`` that stays in the axes and is free.  A label pushed away from
+    its point gets a leader line to it.  Returns the labels' boxes, in display pixels.
+    """
+    from matplotlib.font_manager import FontProperties
+
+    renderer = ax.figure.canvas.get_renderer()
+    scale = ax.figure.dpi / 72  # pixels per point
+    area = ax.bbox.extents
+    pixels = [ax.transData.transform((x, y)) for x, y, _ in points]
+    radius = marker_radius * scale
+    taken = [(px - radius, py - radius, px + radius, py + radius) for px, py in pixels]
+    font = FontProperties(size=fontsize)
+    pad = 2.0
+
+    def overlaps(a: Sequence[float], b: Sequence[float]) -> bool:
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    for i, ((x, y, label), (px, py)) in enumerate(zip(points, pixels)):
+        width, height, _ = renderer.get_text_width_height_descent(label, font, ismath=False)
+        best, best_score, best_box = LABEL_CANDIDATES[0], math.inf, None
+        for candidate in LABEL_CANDIDATES:
+            dx, dy, ha, va = candidate
+            x0 = px + dx * scale - width * _SHIFT[ha] - pad
+            y0 = py + dy * scale - height * _SHIFT[va] - pad
+            box = (x0, y0, x0 + width + 2 * pad, y0 + height + 2 * pad)
+            outside = box[0] < area[0] or box[2] > area[2] or box[1] < area[1] or box[3] > area[3]
+            score = sum(overlaps(box, other) for other in taken) + 100 * outside
+            if score < best_score:
+                best, best_score, best_box = candidate, score, box
+            if score == 0:
+                break
+        taken.append(best_box)
+        dx, dy, ha, va = best
+        far = math.hypot(dx, dy) > 2 * _GAP
+        ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points",
+                    ha=ha, va=va, fontsize=fontsize, color=colour(i), zorder=4,
+                    bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+                    arrowprops={"arrowstyle": "-", "color": colour(i), "linewidth": 0.8,
+                                "shrinkA": 0, "shrinkB": marker_radius} if far else None)
+    return taken[len(points):]
 
 
 def line_chart_png(
@@ -279,98 +323,37 @@ def line_chart_png(
 
     Labels are placed next to their point where they overlap neither another label nor a point.
     """
-    width, height = size
-    image = Image.new("RGB", size, BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    _title(draw, title, width)
-    left, top, right, bottom = 84, 56, width - 30, height - 64
-
-    xs = [float(p[0]) for p in points] or [0.0, 1.0]
-    ys = [float(p[1]) for p in points] or [0.0, 1.0]
+    points = [(float(x), float(y), str(label)) for x, y, label in points
+              if math.isfinite(float(x)) and math.isfinite(float(y))]
+    xs = [p[0] for p in points] or [0.0, 1.0]
+    ys = [p[1] for p in points] or [0.0, 1.0]
     x_span = (max(xs) - min(xs)) or abs(max(xs)) * 0.1 or 1.0
     y_span = (max(ys) - min(ys)) or abs(max(ys)) * 0.05 or 1.0
     x_low, y_low = min(xs) - x_span * 0.12, min(ys) - y_span * 0.15
     # quantities that cannot be negative (parameters, AP, drift) get no negative axis
     x_ticks = nice_ticks(max(x_low, 0.0) if min(xs) >= 0 else x_low, max(xs) + x_span * 0.12, 7)
     y_ticks = nice_ticks(max(y_low, 0.0) if min(ys) >= 0 else y_low, max(ys) + y_span * 0.15, 6)
-    x_step = x_ticks[1] - x_ticks[0]
-    y_step = y_ticks[1] - y_ticks[0]
+    marker_radius = 4.5  # points
 
-    def to_xy(x: float, y: float) -> tuple[float, float]:
-        fx = (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0])
-        fy = (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0])
-        return left + (right - left) * fx, bottom - (bottom - top) * fy
+    def draw(figure: Figure) -> None:
+        # fixed margins (no layout engine): label placement needs the final axes position
+        figure.subplots_adjust(left=0.1, right=0.97, top=0.9, bottom=0.12)
+        ax = figure.add_subplot()
+        ax.set_title(title)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.set_xlim(x_ticks[0], x_ticks[-1])
+        ax.set_ylim(y_ticks[0], y_ticks[-1])
+        _ticks(ax.xaxis, x_ticks, x_format)
+        _ticks(ax.yaxis, y_ticks, y_format)
+        ax.grid(color=GRID)
+        ax.set_axisbelow(True)
+        if not points:
+            _no_data(ax)
+            return
+        ax.plot([p[0] for p in points], [p[1] for p in points], color="#9a9a9a", linewidth=1.8, zorder=2)
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=(2 * marker_radius) ** 2,
+                   c=[colour(i) for i in range(len(points))], edgecolors="white", linewidths=0.8, zorder=3)
+        _place_labels(ax, points, marker_radius)
 
-    tick_font = font(12)
-    for tick in y_ticks:
-        _, y = to_xy(x_ticks[0], tick)
-        draw.line([(left, y), (right, y)], fill=GRID, width=1)
-        draw.line([(left - 5, y), (left, y)], fill=AXIS, width=1)
-        _text(draw, (left - 8, y), y_format(tick, y_step), tick_font, anchor="rm")
-    for tick in x_ticks:
-        x, _ = to_xy(tick, y_ticks[0])
-        draw.line([(x, top), (x, bottom)], fill=GRID, width=1)
-        draw.line([(x, bottom), (x, bottom + 5)], fill=AXIS, width=1)
-        _text(draw, (x, bottom + 8), x_format(tick, x_step), tick_font, anchor="ma")
-    draw.line([(left, top), (left, bottom)], fill=AXIS, width=1)
-    draw.line([(left, bottom), (right, bottom)], fill=AXIS, width=1)
-    _text(draw, ((left + right) / 2, height - 10), x_label, font(13), anchor="md")
-    _vertical_text(image, (18, (top + bottom) / 2), y_label, font(13))
-
-    if not points:
-        _no_data(draw, (left, top, right, bottom), "nothing measured yet")
-        return _png(image)
-
-    pixels = [to_xy(float(x), float(y)) for x, y, _ in points]
-    if len(pixels) > 1:
-        draw.line(pixels, fill="#9a9a9a", width=2, joint="curve")
-    radius = 6
-    taken = [(px - radius - 2, py - radius - 2, px + radius + 2, py + radius + 2) for px, py in pixels]
-    for i, (px, py) in enumerate(pixels):
-        draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=colour(i), outline="white", width=1)
-
-    label_font = font(12)
-    for i, ((px, py), (_, _, label)) in enumerate(zip(pixels, points)):
-        text = _fit(draw, str(label), label_font, 220)
-        tw, th = _text_size(draw, text, label_font)
-        box = _place_label(px, py, tw, th, taken, (left + 2, top + 2, right - 2, bottom - 2))
-        taken.append(box)
-        # a label pushed away from its point gets a leader line to it
-        near_x = min(max(px, box[0]), box[2])
-        near_y = min(max(py, box[1]), box[3])
-        if math.hypot(near_x - px, near_y - py) > radius + 8:
-            draw.line([(px, py), (near_x, near_y)], fill=colour(i), width=1)
-        draw.rectangle([box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1], fill=BACKGROUND)
-        _text(draw, (box[0], box[1] + th / 2), text, label_font, fill=colour(i), anchor="lm")
-    return _png(image)
-
-
-def _place_label(px: float, py: float, tw: float, th: float, taken: list[tuple[float, float, float, float]],
-                 area: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-    """A box of ``tw`` × ``th`` near (px, py), inside ``area``, overlapping nothing in ``taken`` if possible."""
-    gap = 9
-    candidates = []
-    for distance in (0, 1, 2, 3, 4, 5):
-        shift = distance * (th + 3)
-        candidates += [
-            (px + gap, py - th / 2 - shift),            # right
-            (px + gap, py - th / 2 + shift),
-            (px - gap - tw, py - th / 2 - shift),       # left
-            (px - gap - tw, py - th / 2 + shift),
-            (px - tw / 2, py - gap - th - shift),       # above
-            (px - tw / 2, py + gap + shift),            # below
-        ]
-
-    def clamp(x: float, y: float) -> tuple[float, float, float, float]:
-        x = min(max(x, area[0]), area[2] - tw)
-        y = min(max(y, area[1]), area[3] - th)
-        return (x, y, x + tw, y + th)
-
-    def overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
-        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-    boxes = [clamp(x, y) for x, y in candidates]
-    for box in boxes:
-        if not any(overlaps(box, other) for other in taken):
-            return box
-    return min(boxes, key=lambda b: sum(overlaps(b, other) for other in taken))
+    return _render(draw, size, layout=None)

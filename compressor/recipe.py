@@ -17,6 +17,7 @@ from pydantic import Field
 
 from .budget import Budget
 from .errors import UsageError
+from .family import ModelFamily
 from .plugins import Registry
 
 
@@ -27,7 +28,11 @@ class _Strict(pydantic.BaseModel):
 class ModelSource(_Strict):
     """Where the starting model comes from."""
 
-    family: str = Field("featherface", description="Registered model family (see `compress families`).")
+    family: str | None = Field(
+        None,
+        description="Registered model family (see `compress families`); may be left out when model.checkpoint "
+        "is given (its family is read off it) or when only one family is registered.",
+    )
     checkpoint: Path | None = Field(
         None,
         description="Starting weights: a checkpoint of ours or one the family reads natively (relative to the recipe). "
@@ -41,7 +46,10 @@ class ModelSource(_Strict):
 class DataConfig(_Strict):
     """The dataset used for finetuning and evaluation."""
 
-    root: Path | None = Field(None, description="Dataset root in the RetinaFace label layout; empty: the embedded default.")
+    root: Path | None = Field(
+        None, description="Dataset root, in the layout the model family reads; empty: the family's default data "
+        "(see `compress families`)."
+    )
 
 
 class TrainConfig(_Strict):
@@ -174,7 +182,7 @@ def validate_data(raw: dict, path: Path, text: str | None = None, kind: type[_Ru
         recipe = kind.model_validate(raw)
     except pydantic.ValidationError as err:
         raise UsageError(f"{path}: " + describe_validation_error(err, text)) from err
-    base = path.parent
+    base = path.parent.resolve()  # the same recipe means the same thing from any working directory
     for field_name in ("checkpoint", "pretrained"):
         value = getattr(recipe.model, field_name)
         if value is not None and not value.is_absolute():
@@ -293,9 +301,8 @@ def apply_override(raw: dict, override: str) -> None:
 # ------------------------------------------------------- checks against plugins
 
 
-def check_sources(recipe: _RunSettings, registry: Registry, path: Path) -> None:
-    """The family exists and every file or folder the recipe names is there."""
-    registry.get_family(recipe.model.family, where=f"{path}: model.family: ")
+def check_sources(recipe: _RunSettings, path: Path) -> None:
+    """Every file or folder the recipe names is there."""
     for field_name in ("checkpoint", "pretrained"):
         value = getattr(recipe.model, field_name)
         if value is not None and not value.exists():
@@ -305,14 +312,12 @@ def check_sources(recipe: _RunSettings, registry: Registry, path: Path) -> None:
 
 
 def check_against_registry(recipe: Recipe, registry: Registry, path: Path) -> list[pydantic.BaseModel]:
-    """Resolve every stage's pass and validate its params; returns the params objects."""
-    check_sources(recipe, registry, path)
+    """Resolve every stage's pass and validate its params (no model needed); returns the params objects."""
     for index, stage in enumerate(recipe.stages):
         try:
             recipe.finetune_for(stage)
         except pydantic.ValidationError as err:
             raise UsageError(f"{path}: " + describe_validation_error(err, None, ("stages", index, "finetune"))) from err
-    _check_budget_components(recipe, registry.get_family(recipe.model.family).components, path)
     params = []
     for index, stage in enumerate(recipe.stages):
         where = f"{path}: stages[{index}].pass: "
@@ -324,9 +329,9 @@ def check_against_registry(recipe: Recipe, registry: Registry, path: Path) -> li
     return params
 
 
-def _check_budget_components(recipe: Recipe, components: tuple[str, ...], path: Path) -> None:
+def check_budget_components(recipe: Recipe, family: ModelFamily, path: Path) -> None:
     """Budgets may only name components the family counts (``other`` included)."""
-    known = (*components, "other")
+    known = (*family.components, "other")
     budgets: list[tuple[str, Budget | None]] = [("budget", recipe.budget)]
     for index, stage in enumerate(recipe.stages):
         budgets += [(f"stages[{index}].budget", stage.budget), (f"stages[{index}].until", stage.until)]

@@ -1,16 +1,16 @@
 """The stage loop: apply, validate, finetune, measure, checkpoint, report; and resume.
 
 The runner only sequences; each step is a function with its own home
-(validate.py, accounting.py, checkpoint.py, report.py).
+(validate.py, accounting.py, checkpoint.py, report.py), and what the run knows
+is one typed :class:`~compressor.record.RunRecord`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,12 @@ from . import accounting
 from .budget import Budget, check_budget
 from .checkpoint import FINAL_NAME, open_model, save_checkpoint
 from .errors import CheckFailed, UsageError
-from .family import ModelFamily
-from .passes import Pass, PassContext
-from .plugins import Registry, load_registry
+from .passes import Pass, PassContext, PassResult
 from .progress import Progress
-from .recipe import Recipe, Stage, check_against_registry, load_recipe
-from .report import write_report
+from .record import FinetuneRecord, Measured, RunMode, RunRecord, StageRecord, read_record
+from .recipe import Recipe, Stage
+from .report import REPORT_JSON, write_report
+from .session import OpenedRecipe
 from .train import distributed, init_distributed, is_main_process, train
 from .validate import contract_violations, forward_eval, non_finite_outputs, output_contract, output_drift
 
@@ -36,11 +36,8 @@ CHECKPOINT_DIR = "checkpoints"
 
 @dataclass
 class RunOptions:
-    out_dir: Path | None = None
     resume: bool = False
     finetune: bool = True
-    device: str = "cpu"
-    overrides: list[str] = field(default_factory=list)
     quiet: bool = False
 
 
@@ -48,17 +45,29 @@ class RunOptions:
 class RunContext:
     """What every stage of one run shares."""
 
-    recipe: Recipe
-    family: ModelFamily
-    registry: Registry
-    out_dir: Path
-    device: torch.device
+    opened: OpenedRecipe
     example: torch.Tensor
     progress: Progress
-    finetune: bool
     starting_model: nn.Module
-    contract: list = field(default_factory=list)
-    report: dict = field(default_factory=dict)
+    contract: list
+    mode: RunMode
+    record: RunRecord | None
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.opened.recipe
+
+    @property
+    def family(self):  # noqa: ANN201 - ModelFamily
+        return self.opened.family
+
+    @property
+    def device(self) -> torch.device:
+        return self.opened.device
+
+    @property
+    def out_dir(self) -> Path:
+        return self.opened.out_dir
 
 
 def seed_everything(seed: int) -> None:
@@ -67,62 +76,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_out_dir(recipe_path: Path) -> Path:
-    return Path("runs") / recipe_path.stem
-
-
-def measure(model: nn.Module, family: ModelFamily, height: int, width: int, device: torch.device) -> dict:
-    """Parameters by component and MACs (batch 1) of ``model``."""
-    params = accounting.count_parameters(model, family.component_of, family.components)
-    example = family.example_input(height, width, batch_size=1).to(device)
-    macs = accounting.count_macs(model, example)
-    return {"params": params.to_dict(), "macs": macs.macs, "extra_macs": macs.extra}
-
-
-def run_recipe(recipe_path: str | Path, options: RunOptions) -> dict:
-    """Run (or resume) a recipe; returns the final report.  Raises CompressorError on failure."""
-    recipe_path = Path(recipe_path)
-    recipe, _ = load_recipe(recipe_path, options.overrides)
-    registry = load_registry(recipe.plugins, base_dir=recipe_path.parent)
-    stage_params = check_against_registry(recipe, registry, recipe_path)
-    family = registry.get_family(recipe.model.family)
-    family.check_input_size(*recipe.input_size)
-    device = _device(options.device)
-    out_dir = options.out_dir or default_out_dir(recipe_path)
-    init_distributed(device)
+def run_recipe(opened: OpenedRecipe, options: RunOptions) -> RunRecord:
+    """Run (or resume) an opened recipe; returns the final record.  Raises CompressorError on failure."""
+    recipe, family, out_dir = opened.recipe, opened.family, opened.out_dir
+    init_distributed(opened.device)
     progress = Progress(options.quiet or not is_main_process())
+    mode = RunMode(finetune=options.finetune, evaluate=options.finetune and family.supports_training,
+                   device=opened.device.type)
+    recipe_record = recipe_as_record(recipe)
 
-    previous = _read_previous_report(out_dir) if is_main_process() or options.resume else None
+    previous = _read_previous(out_dir) if is_main_process() or options.resume else None
     if previous is not None and not options.resume:
         raise UsageError(f"{out_dir}: already holds a run; use --resume to continue it, or --out for a new folder")
-    if previous is not None and previous.get("recipe") != _recipe_record(recipe):
-        raise UsageError(f"{out_dir}: the recipe differs from the one this run started with; start a new run with --out")
+    if previous is not None:
+        _check_same_run(out_dir, previous, recipe_record, mode)
 
     seed_everything(recipe.seed)
-    first_model = starting_model(recipe, family, registry).to(device)
+    first_model = opened.starting_model().to(opened.device)
     height, width = recipe.input_size
-    ctx = RunContext(
-        recipe=recipe, family=family, registry=registry, out_dir=out_dir, device=device,
-        example=family.example_input(height, width, batch_size=2, seed=recipe.seed).to(device),
-        progress=progress, finetune=options.finetune, starting_model=first_model,
-    )
-    ctx.contract = output_contract(forward_eval(first_model, ctx.example))
+    example = family.example_input(height, width, batch_size=2, seed=recipe.seed).to(opened.device)
+    ctx = RunContext(opened=opened, example=example, progress=progress, starting_model=first_model,
+                     contract=output_contract(forward_eval(first_model, example)), mode=mode, record=previous)
 
     if previous is not None:
-        ctx.report = previous
         model = _resume_model(ctx)
     else:
-        ctx.report = _new_report(ctx)
+        ctx.record = RunRecord(
+            recipe=recipe_record, family=family.name, metric=family.metric or None, mode=mode,
+            baseline=Measured.of(_measure(ctx, first_model), _evaluate(ctx, first_model)),
+            stages=[StageRecord(name=s.label, pass_name=s.pass_name) for s in recipe.stages],
+        )
         model = copy.deepcopy(first_model)
         _write(ctx)
 
-    if ctx.report.get("final") is not None and (out_dir / FINAL_NAME).is_file():
+    if ctx.record.final is not None and (out_dir / FINAL_NAME).is_file():
         progress.echo(f"{out_dir}: run already complete; nothing to do")
-        return ctx.report
+        return ctx.record
 
     total = len(recipe.stages)
-    for index, (stage, params) in enumerate(zip(recipe.stages, stage_params), start=1):
-        if _stage_done(ctx.report, index):
+    for index, (stage, params) in enumerate(zip(recipe.stages, opened.stage_params), start=1):
+        if ctx.record.stages[index - 1].status == "ok":
             continue
         progress.stage(index, total, stage.label, stage.pass_name)
         model = _run_stage(ctx, index, stage, params, model)
@@ -130,64 +123,56 @@ def run_recipe(recipe_path: str | Path, options: RunOptions) -> dict:
     return _finish(ctx, model)
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
-def starting_model(recipe: Any, family: ModelFamily, registry: Registry) -> nn.Module:
-    """The model a recipe starts from: its checkpoint, or the family's baseline (optionally pretrained)."""
-    if recipe.model.checkpoint is None:
-        model = family.baseline()
-        if recipe.model.pretrained is not None:
-            family.load_pretrained(model, recipe.model.pretrained)
-        return model.eval()
-    loaded = open_model(recipe.model.checkpoint, registry)
-    if loaded.family is not family:
-        raise UsageError(
-            f"model.checkpoint: {recipe.model.checkpoint} is a {loaded.family.name} model, "
-            f"but model.family is {family.name}"
-        )
-    return loaded.model
-
-
-def _recipe_record(recipe: Recipe) -> dict:
+def recipe_as_record(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as it is stored in the run record and checkpoints (what --resume compares)."""
     return recipe.model_dump(mode="json", by_alias=True)
 
 
-def _new_report(ctx: RunContext) -> dict:
-    height, width = ctx.recipe.input_size
-    baseline = measure(ctx.starting_model, ctx.family, height, width, ctx.device)
-    baseline["metrics"] = _evaluate(ctx, ctx.starting_model)
-    return {
-        "recipe": _recipe_record(ctx.recipe),
-        "baseline": baseline,
-        "stages": [
-            {"name": s.label, "pass": s.pass_name, "status": "pending"} for s in ctx.recipe.stages
-        ],
-        "final": None,
-    }
-
-
-def _read_previous_report(out_dir: Path) -> dict | None:
-    path = out_dir / "report.json"
+def _read_previous(out_dir: Path) -> RunRecord | None:
+    path = out_dir / REPORT_JSON
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: unreadable run report ({err.msg}); start a new run with --out") from err
+        return read_record(path.read_text(), str(path))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"{err}; start a new run with --out") from err
+
+
+def _check_same_run(out_dir: Path, previous: RunRecord, recipe: dict[str, Any], mode: RunMode) -> None:
+    """--resume continues only the same computation: the same recipe and the same mode."""
+    changed = first_difference(previous.recipe, recipe)
+    if changed is not None:
+        raise UsageError(f"{out_dir}: the recipe differs from the one this run started with ({changed}); "
+                         "start a new run with --out")
+    modes = previous.mode.differences(mode)
+    if modes:
+        raise UsageError(f"{out_dir}: this run started in another mode ({'; '.join(modes)}); resume it with the same "
+                         "options, or start a new run with --out")
+
+
+def first_difference(before: Any, after: Any, path: str = "") -> str | None:
+    """``field.path: old -> new`` for the first place two JSON-like values differ, else None."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in [*before, *(k for k in after if k not in before)]:
+            found = first_difference(before.get(key), after.get(key), f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+        return None
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        for i, (a, b) in enumerate(zip(before, after)):
+            found = first_difference(a, b, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if before != after:
+        return f"{path or 'recipe'}: {before!r} -> {after!r}"
+    return None
 
 
 def _write(ctx: RunContext) -> None:
     """Reports are written by one process only (rank 0 under torchrun)."""
     if is_main_process():
-        write_report(ctx.out_dir, ctx.report)
-
-
-def _stage_done(report: dict, index: int) -> bool:
-    return report["stages"][index - 1].get("status") == "ok"
+        write_report(ctx.out_dir, ctx.record)
 
 
 def _checkpoint_path(out_dir: Path, index: int, label: str) -> Path:
@@ -195,61 +180,68 @@ def _checkpoint_path(out_dir: Path, index: int, label: str) -> Path:
 
 
 def _resume_model(ctx: RunContext) -> nn.Module:
-    done = [i for i in range(1, len(ctx.recipe.stages) + 1) if _stage_done(ctx.report, i)]
+    done = ctx.record.completed
     if not done:
         ctx.progress.echo(f"resuming {ctx.out_dir}: no stage completed yet, starting from the beginning")
         return copy.deepcopy(ctx.starting_model)
-    last = done[-1]
-    path = _checkpoint_path(ctx.out_dir, last, ctx.recipe.stages[last - 1].label)
-    ctx.progress.echo(f"resuming {ctx.out_dir} after stage {last} ({ctx.recipe.stages[last - 1].label})")
-    return open_model(path, ctx.registry).model.to(ctx.device)
+    last, stage = done[-1]
+    ctx.progress.echo(f"resuming {ctx.out_dir} after stage {last} ({stage.name})")
+    return open_model(_checkpoint_path(ctx.out_dir, last, stage.name), ctx.opened.app.registry).model.to(ctx.device)
+
+
+def _measure(ctx: RunContext, model: nn.Module) -> accounting.Measurement:
+    return accounting.measure(model, ctx.family, ctx.recipe.input_size, device=ctx.device)
 
 
 def _run_stage(ctx: RunContext, index: int, stage: Stage, params: Any, model: nn.Module) -> nn.Module:
     started = time.monotonic()
     where = f"stage {index} ({stage.label})"
-    record = ctx.report["stages"][index - 1]
+    record = ctx.record.stages[index - 1]
     seed_everything(ctx.recipe.seed + index)
     try:
-        new_model, repeats = _apply(ctx, where, stage, params, model)
+        new_model, repeats, pass_record = _apply(ctx, where, stage, params, model)
         outputs = _validate(ctx, where, stage, new_model)
         drift = output_drift(forward_eval(model, ctx.example), outputs)
-        record.update(finetune=_finetune(ctx, index, stage, model, new_model))
-        height, width = ctx.recipe.input_size
-        record.update(measure(new_model, ctx.family, height, width, ctx.device))
-        record.update(status="ok", output_drift=drift, metrics=_evaluate(ctx, new_model), repeats=repeats,
-                      message=None, seconds=round(time.monotonic() - started, 3))
+        pass_cls = ctx.opened.app.registry.get_pass(stage.pass_name)
+        if pass_cls.lossless and drift != 0.0:
+            raise CheckFailed(f"{where}: pass {stage.pass_name} declares itself lossless but changed the outputs "
+                              f"by up to {drift:.3g}")
+        finetune = _finetune(ctx, index, stage, model, new_model)
+        measurement = _measure(ctx, new_model)
+        metrics = _evaluate(ctx, new_model)
     except (CheckFailed, UsageError) as err:
-        record.update(status="failed", message=str(err), seconds=round(time.monotonic() - started, 3))
+        record.status, record.message = "failed", str(err)
+        record.seconds = round(time.monotonic() - started, 3)
         _write(ctx)
         raise
-    passes = [{"stage": s["name"], "pass": s["pass"], "params": ctx.report["recipe"]["stages"][i]["params"]}
-              for i, s in enumerate(ctx.report["stages"][:index])]
+    ctx.record.stages[index - 1] = StageRecord(
+        name=record.name, pass_name=record.pass_name, status="ok", params=measurement.params,
+        macs=measurement.macs, extra_macs=measurement.extra_macs, metrics=metrics, output_drift=drift,
+        repeats=repeats, seconds=round(time.monotonic() - started, 3), finetune=finetune, pass_record=pass_record,
+    )
+    ctx.record.budget_check = ctx.record.budget_verdict()
     if is_main_process():
         save_checkpoint(_checkpoint_path(ctx.out_dir, index, stage.label), new_model, ctx.family,
-                        recipe=ctx.report["recipe"], passes=passes, extra={"stage": index})
+                        recipe=ctx.record.recipe, passes=ctx.record.passes(upto=index), extra={"stage": index})
     _write(ctx)
-    shown = "".join(f", {k} {v:.4f}" for k, v in record["metrics"].items() if k == "ap")
-    ctx.progress.echo(
-        f"    ok: {record['params']['total']:,} parameters, drift {record['output_drift']:.3g}{shown}, "
-        f"{record['seconds']:.1f}s"
-    )
+    metric = ctx.record.metric
+    shown = f", {metric} {metrics[metric]:.4f}" if metric in metrics else ""
+    ctx.progress.echo(f"    ok: {measurement.params.total:,} parameters, drift {drift:.3g}{shown}, "
+                      f"{ctx.record.stages[index - 1].seconds:.1f}s")
     return new_model
 
 
-def _apply(ctx: RunContext, where: str, stage: Stage, params: Any, model: nn.Module) -> tuple[nn.Module, int]:
+def _apply(ctx: RunContext, where: str, stage: Stage, params: Any,
+           model: nn.Module) -> tuple[nn.Module, int, dict[str, Any]]:
     """Apply the pass (repeatedly, with ``until``) to a copy, so the input model stays intact."""
-    pass_cls = ctx.registry.get_pass(stage.pass_name)
-    instance: Pass = pass_cls()
-    pass_ctx = PassContext(
-        family=ctx.family, example_input=ctx.example, device=ctx.device, teacher=model,
-        logger=ctx.progress, stage_name=stage.label,
-    )
+    instance: Pass = ctx.opened.app.registry.get_pass(stage.pass_name)()
+    pass_ctx = PassContext(family=ctx.family, example_input=ctx.example, device=ctx.device)
     try:
         instance.check(model, params, pass_ctx)
     except ValueError as err:
         raise UsageError(f"{where}: {stage.pass_name}: {err}") from err
     current = model
+    records: list[dict[str, Any]] = []
     limit = stage.until.max_repeats if stage.until else 1
     for repeat in range(1, limit + 1):
         candidate = copy.deepcopy(current)
@@ -259,25 +251,29 @@ def _apply(ctx: RunContext, where: str, stage: Stage, params: Any, model: nn.Mod
             raise
         except Exception as err:
             raise CheckFailed(f"{where}: pass {stage.pass_name} raised {type(err).__name__}: {err}") from err
+        if isinstance(result, PassResult):
+            result, pass_record = result.model, result.record
+            records.append(pass_record)
         if not isinstance(result, nn.Module):
             raise CheckFailed(f"{where}: pass {stage.pass_name} returned {type(result).__name__}, not a model")
         current = result.to(ctx.device)
         if stage.until is None or not _over(ctx, current, stage.until):
-            return current, repeat
+            return current, repeat, _merged(records)
     over = "; ".join(str(o) for o in _over(ctx, current, stage.until))  # type: ignore[arg-type]
     raise CheckFailed(f"{where}: until not reached after {limit} repeats: {over}")
 
 
+def _merged(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One application's record as it is; repeated applications' records listed in order."""
+    if not records:
+        return {}
+    return records[0] if len(records) == 1 else {"applications": records}
+
+
 def _over(ctx: RunContext, model: nn.Module, budget: Budget) -> list:
-    params = accounting.count_parameters(model, ctx.family.component_of, ctx.family.components)
-    macs = None
-    if budget.macs is not None:
-        height, width = ctx.recipe.input_size
-        macs = accounting.count_macs(model, ctx.family.example_input(height, width, 1).to(ctx.device)).macs
-    try:
-        return check_budget(params, macs, budget)
-    except KeyError as err:
-        raise UsageError(str(err.args[0])) from err
+    measurement = accounting.measure(model, ctx.family, ctx.recipe.input_size, device=ctx.device,
+                                     macs=budget.macs is not None)
+    return check_budget(measurement.params, measurement.macs if budget.macs is not None else None, budget)
 
 
 def _validate(ctx: RunContext, where: str, stage: Stage, model: nn.Module) -> object:
@@ -303,15 +299,15 @@ def _validate(ctx: RunContext, where: str, stage: Stage, model: nn.Module) -> ob
     return outputs
 
 
-def _finetune(ctx: RunContext, index: int, stage: Stage, before: nn.Module, model: nn.Module) -> str | dict:
+def _finetune(ctx: RunContext, index: int, stage: Stage, before: nn.Module, model: nn.Module) -> FinetuneRecord:
     """Finetune ``model`` in place with distillation, as the recipe says; returns the record."""
     settings = ctx.recipe.finetune_for(stage)
-    if not ctx.finetune:
-        return "skipped (--no-finetune)"
+    if not ctx.mode.finetune:
+        return FinetuneRecord(skipped="--no-finetune")
     if settings.steps == 0:
-        return "skipped (finetune.steps is 0)"
+        return FinetuneRecord(skipped="finetune.steps is 0")
     if not ctx.family.supports_training:
-        return f"skipped (model family {ctx.family.name} has no training support)"
+        return FinetuneRecord(skipped=f"model family {ctx.family.name} has no training support")
     teacher = {"previous": before, "baseline": ctx.starting_model, "none": None}[settings.teacher]
     rank, world = distributed()
     batches = ctx.family.training_batches(ctx.recipe.data.root, ctx.recipe.input_size, settings.batch_size,
@@ -319,45 +315,30 @@ def _finetune(ctx: RunContext, index: int, stage: Stage, before: nn.Module, mode
     result = train(model, ctx.family, settings, batches, device=ctx.device,
                    teacher=copy.deepcopy(teacher) if teacher is not None else None,
                    progress=ctx.progress, where=f"stage {index} ({stage.label}): finetune")
-    return {"steps": result.steps, "seconds": result.seconds, "teacher": settings.teacher,
-            "first_loss": result.first_loss, "last_loss": result.last_loss}
+    return FinetuneRecord(steps=result.steps, seconds=result.seconds, teacher=settings.teacher,
+                          first_loss=result.first_loss, last_loss=result.last_loss)
 
 
 def _evaluate(ctx: RunContext, model: nn.Module) -> dict[str, float]:
-    """Accuracy metrics, when evaluation is on (not with --no-finetune) and the family has it."""
-    if not ctx.finetune or not ctx.family.supports_training or not is_main_process():
+    """Accuracy metrics, when the run's mode evaluates (not with --no-finetune) and on rank 0."""
+    if not ctx.mode.evaluate or not is_main_process():
         return {}
     ctx.progress.echo("    evaluating on the validation split ...")
     return ctx.family.evaluate(model, ctx.recipe.data.root, ctx.recipe.input_size, ctx.device)
 
 
-def _finish(ctx: RunContext, model: nn.Module) -> dict:
-    height, width = ctx.recipe.input_size
-    final = measure(model, ctx.family, height, width, ctx.device)
-    done = [s for s in ctx.report["stages"] if s.get("status") == "ok"]
-    final["metrics"] = dict(done[-1]["metrics"]) if done else dict(ctx.report["baseline"]["metrics"])
-    over = [str(o) for o in check_budget(
-        accounting.ParameterCount(final["params"]["total"], final["params"]["components"]),
-        final["macs"], ctx.recipe.budget,
-    )]
-    drop = _accuracy_drop(ctx.report["baseline"]["metrics"], final["metrics"])
-    limit = ctx.recipe.budget.max_accuracy_drop
-    if limit is not None and drop is not None and drop > limit:
-        over.append(f"accuracy drop {drop:.4f} > budget {limit:.4f} (+{drop - limit:.4f})")
-    ctx.report["final"] = final
-    ctx.report["budget_check"] = {"ok": not over, "overshoots": over, "accuracy_drop": drop}
+def _finish(ctx: RunContext, model: nn.Module) -> RunRecord:
+    done = ctx.record.completed
+    metrics = dict(done[-1][1].metrics) if done else dict(ctx.record.baseline.metrics)
+    ctx.record.final = Measured.of(_measure(ctx, model), metrics)
+    verdict = ctx.record.budget_check = ctx.record.budget_verdict()
     _write(ctx)
-    if over:
-        raise CheckFailed("final budget: " + "; ".join(over))
+    if verdict.failed:
+        raise CheckFailed("final budget: " + "; ".join(verdict.overshoots))
     if is_main_process():
-        save_checkpoint(ctx.out_dir / FINAL_NAME, model, ctx.family, recipe=ctx.report["recipe"],
-                        passes=[{"stage": s["name"], "pass": s["pass"]} for s in ctx.report["stages"]],
-                        extra={"metrics": final["metrics"]})
-    ctx.progress.echo(f"done: {final['params']['total']:,} parameters -> {ctx.out_dir / FINAL_NAME}")
-    return ctx.report
-
-
-def _accuracy_drop(before: dict, after: dict) -> float | None:
-    """Drop of the first metric both have (the family's headline metric comes first)."""
-    common = [name for name in before if name in after]
-    return before[common[0]] - after[common[0]] if common else None
+        save_checkpoint(ctx.out_dir / FINAL_NAME, model, ctx.family, recipe=ctx.record.recipe,
+                        passes=ctx.record.passes(), extra={"metrics": metrics})
+    if verdict.unchecked:
+        ctx.progress.echo("budget: " + "; ".join(str(v) for v in verdict.unchecked))
+    ctx.progress.echo(f"done: {ctx.record.final.params.total:,} parameters -> {ctx.out_dir / FINAL_NAME}")
+    return ctx.record

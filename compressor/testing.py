@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from torch import nn
 
-from .accounting import ParameterCount, count_macs, count_parameters
+from .accounting import ParameterCount, measure
 from .budget import Budget, Overshoot, check_budget
 from .checkpoint import open_model
 from .family import ModelFamily
@@ -42,14 +42,13 @@ def assert_budget(
     if total is None and not components and macs is None:
         raise ValueError("assert_budget: give at least one limit (total=, components= or macs=)")
     family, model = resolve_model(model_or_run_dir)
-    params = count_parameters(model, family.component_of, family.components)
-    _require_known_components(components or {}, params)
     budget = _make_budget(total, components, macs)
-    size = _input_size(family, input_size) if macs is not None else None
-    measured = count_macs(model, family.example_input(*size, batch_size=1)).macs if size else None
-    over = check_budget(params, measured, budget)
+    size = _input_size(family, input_size)
+    measured = measure(model, family, size, macs=macs is not None)
+    _require_known_components(components or {}, measured.params)
+    over = check_budget(measured.params, measured.macs if macs is not None else None, budget)
     if over:
-        raise AssertionError(format_overshoots(over, size))
+        raise AssertionError(format_overshoots(over, size if macs is not None else None))
 
 
 def resolve_model(model_or_source: nn.Module | str | Path) -> tuple[ModelFamily, nn.Module]:

@@ -7,18 +7,16 @@ continues from it with the same data order and learning-rate schedule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from .atomic import atomic_write_json
 from .checkpoint import FINAL_NAME, open_model, save_checkpoint
 from .errors import UsageError
-from .plugins import load_registry
 from .progress import Progress
-from .recipe import TrainRecipe, check_sources, load_recipe
-from .runner import seed_everything, starting_model
+from .runner import seed_everything
+from .session import OpenedRecipe
 from .train import TrainState, distributed, init_distributed, is_main_process, train
 
 LAST_NAME = "last.pt"
@@ -27,27 +25,14 @@ REPORT_NAME = "train_report.json"
 
 @dataclass
 class TrainOptions:
-    out_dir: Path | None = None
     resume: bool = False
-    device: str = "cpu"
-    overrides: list[str] = field(default_factory=list)
     quiet: bool = False
     evaluate: bool = True
 
 
-def train_recipe(recipe_path: str | Path, options: TrainOptions) -> dict:
-    recipe_path = Path(recipe_path)
-    recipe: TrainRecipe
-    recipe, _ = load_recipe(recipe_path, options.overrides, kind=TrainRecipe)
-    registry = load_registry(recipe.plugins, base_dir=recipe_path.parent)
-    check_sources(recipe, registry, recipe_path)
-    family = registry.get_family(recipe.model.family)
-    family.check_input_size(*recipe.input_size)
-    if not family.supports_training:
-        raise UsageError(f"{recipe_path}: model family {family.name} has no training support")
-    device = torch.device(options.device)
+def train_recipe(opened: OpenedRecipe, options: TrainOptions) -> dict:
+    recipe, family, device, out_dir = opened.recipe, opened.family, opened.device, opened.out_dir
     init_distributed(device)
-    out_dir = options.out_dir or Path("runs") / recipe_path.stem
     progress = Progress(options.quiet or not is_main_process())
     record = recipe.model_dump(mode="json")
     last = out_dir / LAST_NAME
@@ -57,7 +42,7 @@ def train_recipe(recipe_path: str | Path, options: TrainOptions) -> dict:
     if last.is_file() and not options.resume:
         raise UsageError(f"{out_dir}: already holds a training run; use --resume to continue it, or --out")
     if options.resume and last.is_file():
-        loaded = open_model(last, registry)
+        loaded = open_model(last, opened.app.registry)
         if loaded.checkpoint.get("recipe") != record:
             raise UsageError(f"{out_dir}: the recipe differs from the one this training started with")
         model = loaded.model
@@ -65,7 +50,7 @@ def train_recipe(recipe_path: str | Path, options: TrainOptions) -> dict:
         state = TrainState(step=saved["step"], optimizer=saved["optimizer"], losses=list(saved["losses"]))
         progress.echo(f"resuming {out_dir} at step {state.step}/{recipe.train.steps}")
     else:
-        model = starting_model(recipe, family, registry)
+        model = opened.starting_model()
 
     def save(model: torch.nn.Module, state: TrainState) -> None:
         save_checkpoint(last, model, family, recipe=record,

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from .model import FeatherFace, featherface_baseline
@@ -74,40 +72,25 @@ def translate_key(key: str) -> str | None:
     return None
 
 
-def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A bare state_dict from a path or a mapping: unwraps ``{"state_dict": ...}``, strips ``module.``."""
-    if isinstance(source, (str, Path)):
-        state = load_file(source)
-    else:
-        state = source
+def read_state_dict(content: object) -> dict[str, Tensor]:
+    """A bare state_dict from a checkpoint's content: unwraps ``{"state_dict": ...}``, strips ``module.``.
+
+    Files are read by the engine (``compressor.load_model`` recognises these
+    checkpoints); this package only interprets what was read.
+    """
+    state = content
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{_where(source)}does not hold a state_dict (a mapping of names to tensors)")
+        raise CheckpointError("does not hold a state_dict (a mapping of names to tensors)")
     return {_strip_prefix(k): v for k, v in state.items()}
-
-
-def load_file(path: str | Path) -> object:
-    """``torch.load`` with weights_only=True onto the CPU, with user-readable errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several unrelated types for bad files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from err
 
 
 def _strip_prefix(key: str) -> str:
     return key[len("module."):] if key.startswith("module.") else key
 
 
-def _where(source: object) -> str:
-    return f"{source}: " if isinstance(source, (str, Path)) else ""
-
-
-def translate_state_dict(state: Mapping[str, Tensor], model: nn.Module, source: object = None) -> dict[str, Tensor]:
+def translate_state_dict(state: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Rename original keys to ours and check names and shapes against ``model``."""
     expected = model.state_dict()
     translated: dict[str, Tensor] = {}
@@ -129,7 +112,7 @@ def translate_state_dict(state: Mapping[str, Tensor], model: nn.Module, source: 
     if mismatched:
         problems.append(f"shape mismatch: {_short_list(mismatched)}")
     if problems:
-        raise CheckpointError(f"{_where(source)}not a FeatherFace checkpoint: " + "; ".join(problems))
+        raise CheckpointError("not a FeatherFace checkpoint: " + "; ".join(problems))
     return translated
 
 
@@ -138,26 +121,28 @@ def _short_list(items: list[str], limit: int = 5) -> str:
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
 
 
-def load_original_checkpoint(source: str | Path | Mapping[str, Tensor]) -> FeatherFace:
-    """Build the baseline and load a checkpoint of the original implementation into it.
+def load_original_checkpoint(content: Mapping[str, Tensor]) -> FeatherFace:
+    """Build the baseline and load an original implementation's state_dict into it.
 
-    Accepts a path or a state_dict, bare, wrapped under ``"state_dict"``, and/or
-    with the ``module.`` prefix DataParallel adds.  Returns the model in eval
-    mode; its forward returns raw class logits (apply softmax for scores).
+    Takes the state_dict as read (``torch.load(path, weights_only=True)``), bare,
+    wrapped under ``"state_dict"``, and/or with the ``module.`` prefix
+    DataParallel adds; from a file, ``compressor.load_model(path)`` does the
+    reading and recognises it.  Returns the model in eval mode; its forward
+    returns raw class logits (apply softmax for scores).
     """
-    state = read_state_dict(source)
+    state = read_state_dict(content)
     model = featherface_baseline()
-    model.load_state_dict(translate_state_dict(state, model, source if isinstance(source, (str, Path)) else None))
+    model.load_state_dict(translate_state_dict(state, model))
     return model.eval()
 
 
-def load_pretrained_backbone(backbone: nn.Module, source: str | Path | Mapping[str, Tensor]) -> nn.Module:
+def load_pretrained_backbone(backbone: nn.Module, content: Mapping[str, Tensor]) -> nn.Module:
     """Initialise a MobileNetV1-0.25 body from the ImageNet checkpoint the original training uses.
 
     That file holds ``{"state_dict": {"module.stage1.0.0.weight": ...}}`` plus a
     classifier (``fc``) the detector has no use for; it is dropped.
     """
-    state = read_state_dict(source)
+    state = read_state_dict(content)
     weights: dict[str, Tensor] = {}
     for key, value in state.items():
         ours = translate_key(f"body.{key}")
@@ -172,6 +157,6 @@ def load_pretrained_backbone(backbone: nn.Module, source: str | Path | Mapping[s
             f"missing: {_short_list(missing)}" if missing else "",
             f"shape mismatch: {_short_list(mismatched)}" if mismatched else "",
         ]))
-        raise CheckpointError(f"{_where(source)}not a MobileNetV1 backbone of this width: {detail}")
+        raise CheckpointError(f"not a MobileNetV1 backbone of this width: {detail}")
     backbone.load_state_dict({k: v for k, v in weights.items() if k in expected})
     return backbone

@@ -17,12 +17,12 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from compressor import Pass, hookimpl
-from compressor.passes import PassContext
+from compressor.passes import PassContext, PassResult
+from compressor.surgery import batchnorm_keep, conv_keep, l1_importance, linear_keep, top_k
 from featherface.modules.bifpn import BiFPNCell, Projection, SeparableConvBN
 from featherface.modules.cbam import ChannelGate
 from featherface.modules.deform import DeformableConv2d
 from featherface.modules.ssh import SSH, ConvBN
-from featherface.surgery import batchnorm_keep, conv_keep, l1_importance, linear_keep, top_k
 
 PROJECTIONS = ("p3_down_channel", "p4_down_channel", "p5_down_channel", "p4_down_channel_2", "p5_down_channel_2")
 SEPARABLES = ("conv4_up", "conv3_up", "conv4_down", "conv5_down")
@@ -36,10 +36,11 @@ class BiFPNSlimParams(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     channels: int | None = Field(
-        None, description="New BiFPN width, shared by every level and cell (e.g. 64 -> 32); empty keeps the width.")
+        None, ge=1, description="New BiFPN width, shared by every level and cell (e.g. 64 -> 32), at least 1 and at most "
+                          "the current width; empty keeps the width.")
     cells: int | None = Field(
-        None, description="BiFPN cells to keep: the first (it holds the backbone projections) and the last "
-                          "cells-1 of the others (e.g. 3 -> 2 keeps cells 0 and 2); empty keeps them all.")
+        None, ge=1, description="BiFPN cells to keep (at least 1): the first (it holds the backbone projections) and "
+                          "the last cells-1 of the others (e.g. 3 -> 2 keeps cells 0 and 2); empty keeps them all.")
     importance: Literal["l1", "bn"] = Field(
         "l1", description="Channel ranking: 'l1' sums every group layer's L1 weight on the channel (each layer "
                           "normalised to mean 1); 'bn' sums |gamma| of the BNs that produce the channel.")
@@ -55,23 +56,25 @@ class BiFPNSlim(Pass):
         cells = list(model.bifpn)
         if not cells or not all(isinstance(c, BiFPNCell) for c in cells) or not cells[0].first:
             raise ValueError("model: bifpn_slim needs a stack of BiFPN cells whose first cell holds the projections")
-        if params.cells is not None and not 1 <= params.cells <= len(cells):
+        if params.cells is not None and params.cells > len(cells):
             raise ValueError(f"cells: {params.cells} is outside 1..{len(cells)} (the model has {len(cells)} cells)")
         width = cells[0].channels
         if params.channels is not None:
-            if not 1 <= params.channels <= width:
+            if params.channels > width:
                 raise ValueError(f"channels: {params.channels} is outside 1..{width} (the current BiFPN width)")
             if params.channels < width:
                 _check_group_is_sliceable(model)
 
-    def apply(self, model: nn.Module, params: BiFPNSlimParams, ctx: PassContext) -> nn.Module:
+    def apply(self, model: nn.Module, params: BiFPNSlimParams, ctx: PassContext) -> PassResult:
+        before = {"channels": model.bifpn[0].channels, "cells": len(model.bifpn)}
         if params.cells is not None:
             model.bifpn = nn.ModuleList(model.bifpn[i] for i in kept_cells(len(model.bifpn), params.cells))
         # Ranked after dropping cells, so that removed layers do not vote for channels.
         if params.channels is not None and params.channels < model.bifpn[0].channels:
             keep = top_k(group_importance(model, params.importance), params.channels)
             slice_group(model, keep)
-        return model
+        after = {"channels": model.bifpn[0].channels, "cells": len(model.bifpn)}
+        return PassResult(model, {"before": before, "after": after})
 
 
 def kept_cells(count: int, cells: int) -> list[int]:

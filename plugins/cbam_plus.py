@@ -20,7 +20,6 @@ it is not done.)
 
 from __future__ import annotations
 
-
 import pydantic
 import torch
 from pydantic import Field
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext
 from featherface.modules.cbam import CBAM, ChannelGate
-from featherface.surgery import linear_keep, top_k
+from compressor.surgery import linear_keep, top_k
 
 
 class CBAMPlusParams(pydantic.BaseModel):
@@ -41,6 +40,18 @@ class CBAMPlusParams(pydantic.BaseModel):
     min_hidden: int = Field(4, ge=0, description="Smallest hidden width the reduction may leave.")
     targets: list[str] | None = Field(
         None, description="CBAM module paths to change (e.g. backbone_cbam.0, bifpn_cbam.2); all CBAMs when left out.")
+
+    @pydantic.field_validator("targets")
+    @classmethod
+    def _selects_something(cls, targets: list[str] | None) -> list[str] | None:
+        return check_targets_given(targets)
+
+
+def check_targets_given(targets: list[str] | None) -> list[str] | None:
+    """``targets`` as given; ValueError for an empty list (which would select nothing)."""
+    if targets is not None and not targets:
+        raise ValueError("an empty list selects nothing (leave it out to select every CBAM)")
+    return targets
 
 
 def cbam_paths(model: nn.Module) -> list[str]:

@@ -10,9 +10,17 @@ import click
 from compressor import hookimpl
 from compressor.atomic import atomic_write_bytes
 from compressor.checkpoint import open_model
-from compressor.cli import handle_errors, registry_from
+from compressor.cli import (
+    chosen_input_size,
+    device_option,
+    handle_errors,
+    input_size_option,
+    json_option,
+    plugin_option,
+    registry_from,
+)
 from compressor.errors import UsageError
-from compressor.inputs import parse_input_size
+from compressor.session import resolve_device
 
 
 @click.command("eval-widerface")
@@ -20,7 +28,7 @@ from compressor.inputs import parse_input_size
               help="Predictions in the standard layout: <event>/<image>.txt.")
 @click.option("--gt", "gt_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder with wider_face_val.mat and wider_{easy,medium,hard}_val.mat.")
-@click.option("--json", "as_json", is_flag=True, help="Print {\"easy\", \"medium\", \"hard\"} as JSON.")
+@json_option
 @handle_errors
 def eval_widerface(pred_dir: Path, gt_dir: Path, as_json: bool) -> None:
     """The official WIDER FACE validation protocol: easy / medium / hard AP at IoU 0.5."""
@@ -40,20 +48,29 @@ def eval_widerface(pred_dir: Path, gt_dir: Path, as_json: bool) -> None:
 @click.command("eval")
 @click.argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
 @click.option("--data", "data_root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Dataset root in the RetinaFace layout (default: the embedded dataset).")
-@click.option("--input-size", default="320", show_default=True, help="Square side the images are resized to.")
-@click.option("--pred", "pred_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Also write the predictions here (<folder>/<image>.txt).")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+              help="Dataset root in the RetinaFace label layout (default: the embedded dataset).")
+@input_size_option
+@click.option("--save-predictions", "pred_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the detections here, in the WIDER FACE layout (<folder>/<image>.txt).")
+@device_option
+@plugin_option
+@json_option
 @handle_errors
-def eval_model(model: str, data_root: Path | None, input_size: str, pred_dir: Path | None, as_json: bool) -> None:
-    """Detect faces on the validation split and report AP at IoU 0.5."""
+def eval_model(model: str, data_root: Path | None, input_size: str | None, pred_dir: Path | None, device: str,
+               plugins: tuple[str, ...], as_json: bool) -> None:
+    """Detect faces on the validation split and report AP at IoU 0.5.
+
+    Images are resized to a square: the input size is one side (default: the
+    model's recipe's, else the family's).
+    """
     from featherface.training import evaluate_ap
 
-    loaded = open_model(model, registry_from(click.get_current_context()))
-    height, width = parse_input_size(input_size)
-    loaded.family.check_input_size(height, width)
-    metrics = evaluate_ap(loaded.model, data_root, max(height, width), predictions_dir=pred_dir)
+    loaded = open_model(model, registry_from(click.get_current_context(), plugins))
+    height, width = chosen_input_size(loaded, input_size)
+    if height != width:
+        raise UsageError(f"--input-size {height}x{width}: evaluation resizes images to squares; give one side, e.g. 320")
+    where = resolve_device(device)
+    metrics = evaluate_ap(loaded.model.to(where), data_root, height, where, predictions_dir=pred_dir)
     click.echo(json.dumps(metrics) if as_json else f"AP {metrics['ap']:.4f} on {int(metrics['val_images'])} images")
 
 
@@ -61,11 +78,14 @@ def eval_model(model: str, data_root: Path | None, input_size: str, pred_dir: Pa
 @click.argument("model", metavar="CHECKPOINT")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The annotated PNG to write.")
+              help="The annotated PNG it writes.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Score threshold.")
-@click.option("--json", "as_json", is_flag=True, help="Also print the detections as JSON.")
+@device_option
+@plugin_option
+@json_option
 @handle_errors
-def detect_command(model: str, image: Path, out_path: Path, threshold: float, as_json: bool) -> None:
+def detect_command(model: str, image: Path, out_path: Path, threshold: float, device: str,
+                   plugins: tuple[str, ...], as_json: bool) -> None:
     """Detect faces in one image; draw boxes, scores and landmarks into a PNG."""
     from torchvision.io import ImageReadMode, decode_image, encode_png
     from torchvision.utils import draw_bounding_boxes, draw_keypoints
@@ -73,28 +93,31 @@ def detect_command(model: str, image: Path, out_path: Path, threshold: float, as
     from featherface.detect import detect
     from featherface.preprocess import pad_to_multiple, to_network_input
 
-    loaded = open_model(model, registry_from(click.get_current_context()))
+    loaded = open_model(model, registry_from(click.get_current_context(), plugins))
+    where = resolve_device(device)
     try:
         picture = decode_image(str(image), mode=ImageReadMode.RGB)
     except RuntimeError as err:
         raise UsageError(f"{image}: cannot decode the image ({err})") from err
     height, width = picture.shape[-2:]
-    found = detect(loaded.model, pad_to_multiple(to_network_input(picture)), conf_threshold=threshold,
-                   image_sizes=[(height, width)])[0]
-    labels = [f"{s:.2f}" for s in found.scores.tolist()]
-    drawn = draw_bounding_boxes(picture, found.boxes, labels=labels, colors="lime", width=2)
-    if len(found):
-        drawn = draw_keypoints(drawn, found.landmarks.view(-1, 5, 2), colors="red", radius=2)
+    found = detect(loaded.model.to(where), pad_to_multiple(to_network_input(picture)).to(where),
+                   conf_threshold=threshold, image_sizes=[(height, width)])[0]
+    boxes, scores, landmarks = found.boxes.cpu(), found.scores.cpu(), found.landmarks.cpu()
+    labels = [f"{s:.2f}" for s in scores.tolist()]
+    drawn = draw_bounding_boxes(picture, boxes, labels=labels, colors="lime", width=2)
+    if len(boxes):
+        drawn = draw_keypoints(drawn, landmarks.view(-1, 5, 2), colors="red", radius=2)
     png = encode_png(drawn).numpy().tobytes()
     atomic_write_bytes(out_path, lambda handle: handle.write(png))
     if as_json:
         click.echo(json.dumps([{"box": b, "score": s, "landmarks": l} for b, s, l in
-                               zip(found.boxes.tolist(), found.scores.tolist(), found.landmarks.tolist())]))
+                               zip(boxes.tolist(), scores.tolist(), landmarks.tolist())]))
     else:
-        click.echo(f"{len(found)} faces -> {out_path}")
+        click.echo(f"{len(boxes)} faces -> {out_path}")
 
 
 @hookimpl
 def compressor_commands(cli: click.Group) -> None:
+    # (The hook also offers ``app``; these commands reach it through click's context.)
     for command in (eval_widerface, eval_model, detect_command):
         cli.add_command(command)

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 import featherface
 from compressor import hookimpl
 from compressor.errors import UsageError
-from compressor.family import ModelFamily
+from compressor.family import ModelFamily, PruningHints
+from compressor_plugins import featherface_pruning
 from featherface.model import COMPONENTS
 from featherface.modules.heads import UnifiedHeads
 from featherface import training
@@ -44,6 +45,10 @@ class FeatherFaceFamily(ModelFamily):
         if isinstance(heads, UnifiedHeads):
             return list(heads.convs)
         return [*heads.class_convs, *heads.box_convs, *heads.landmark_convs]
+
+    def pruning_hints(self, model: nn.Module) -> PruningHints:
+        """DCN and fusion-weight pruners, untraced spatial gates, tied BiFPN cells, shuffle folding and divisors."""
+        return featherface_pruning.pruning_hints(model)
 
     def recognises(self, model: nn.Module) -> bool:
         return isinstance(model, featherface.FeatherFace)
@@ -91,11 +96,11 @@ class FeatherFaceFamily(ModelFamily):
 
     supports_training = True
 
-    def load_pretrained(self, model: nn.Module, path: Path) -> None:
+    def load_pretrained(self, model: nn.Module, content: object, source: str) -> None:
         try:
-            load_pretrained_backbone(model.backbone, path)
+            load_pretrained_backbone(model.backbone, content)
         except CheckpointError as err:
-            raise UsageError(str(err)) from err
+            raise UsageError(f"{source}: {err}") from err
 
     def training_batches(self, data_root: Path | None, input_size: tuple[int, int], batch_size: int, seed: int,
                          rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> Iterator:

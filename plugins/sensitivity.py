@@ -14,38 +14,60 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 from torch import nn
 
 from compressor import hookimpl
-from compressor.accounting import count_parameters
+from compressor.accounting import measure
 from compressor.atomic import atomic_write_bytes, atomic_write_text
 from compressor.checkpoint import open_model
-from compressor.cli import handle_errors, registry_from
+from compressor.cli import (
+    app_from,
+    chosen_input_size,
+    device_option,
+    handle_errors,
+    input_size_option,
+    json_option,
+    plugin_option,
+)
 from compressor.errors import UsageError
 from compressor.family import ModelFamily
 from compressor.inputs import parse_input_size
-from compressor.passes import PassContext
+from compressor.passes import PassContext, PassResult
 from compressor.plots import bar_chart_png
 from compressor.validate import forward_eval, output_drift
-from compressor_plugins.prune import Prune, PruneParams
+from compressor_plugins.prune import Prune, PruneParams, prunable_components
 
 DEFAULT_RATIOS = (0.1, 0.25, 0.5)
 
 
 def sensitivity_rows(model: nn.Module, family: ModelFamily, components: list[str], ratios: list[float],
-                     input_size: tuple[int, int], data_root: Path | None = None, metric: bool = False) -> list[dict]:
+                     input_size: tuple[int, int], data_root: Path | None = None, metric: bool = False,
+                     device: torch.device | None = None) -> list[dict]:
     """One row per (component, ratio): parameters after, share removed, output drift (and metric drop)."""
-    example = family.example_input(*input_size, batch_size=2)
+    device = device or torch.device("cpu")
+    model = model.to(device)
+    example = family.example_input(*input_size, batch_size=2).to(device)
     reference = forward_eval(model, example)
-    before = count_parameters(model, family.component_of, family.components)
-    baseline_metrics = family.evaluate(model, data_root, input_size) if metric else {}
-    ctx = PassContext(family=family, example_input=example)
+    before = measure(model, family, input_size, macs=False).params
+    metric_name = family.metric
+    if metric and not metric_name:
+        raise UsageError(f"--metric: model family {family.name} has no accuracy metric")
+    baseline_metrics = family.evaluate(model, data_root, input_size, device) if metric else {}
+    ctx = PassContext(family=family, example_input=example, device=device)
+    prune = Prune()
     rows = []
     for component in components:
         for ratio in ratios:
             params = PruneParams(ratios={component: ratio})
-            pruned = Prune().apply(copy.deepcopy(model), params, ctx)
-            after = count_parameters(pruned, family.component_of, family.components)
+            candidate = copy.deepcopy(model)
+            try:
+                prune.check(candidate, params, ctx)
+            except ValueError as err:
+                raise UsageError(f"{component} at {ratio}: {err}") from err
+            result = prune.apply(candidate, params, ctx)
+            pruned = result.model if isinstance(result, PassResult) else result
+            after = measure(pruned, family, input_size, macs=False).params
             row: dict[str, Any] = {
                 "component": component,
                 "ratio": ratio,
@@ -55,10 +77,9 @@ def sensitivity_rows(model: nn.Module, family: ModelFamily, components: list[str
                 "output_drift": output_drift(reference, forward_eval(pruned, example)),
             }
             if metric:
-                metrics = family.evaluate(pruned, data_root, input_size)
-                name = next(iter(baseline_metrics))
-                row[name] = metrics[name]
-                row["metric_drop"] = baseline_metrics[name] - metrics[name]
+                metrics = family.evaluate(pruned, data_root, input_size, device)
+                row[metric_name] = metrics[metric_name]
+                row["metric_drop"] = baseline_metrics[metric_name] - metrics[metric_name]
             rows.append(row)
     return rows
 
@@ -77,19 +98,22 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _load(source: str, input_size: str | None, ctx: click.Context) -> tuple[Any, tuple[int, int], Path | None]:
-    registry = registry_from(ctx)
+def _load(source: str, input_size: str | None, plugins: tuple[str, ...],
+          device: str) -> tuple[ModelFamily, nn.Module, tuple[int, int], Path | None, torch.device]:
+    """A recipe (its starting model, size and data, through the same path as `compress run`) or a model."""
+    ctx = click.get_current_context()
+    app = app_from(ctx, plugins)
     if source.endswith((".yaml", ".yml")):
-        from compressor.recipe import load_recipe
-        from compressor.runner import starting_model
+        from compressor.session import open_recipe
 
-        recipe, _ = load_recipe(Path(source))
-        family = registry.get_family(recipe.model.family)
-        size = parse_input_size(input_size) if input_size else recipe.input_size
-        return (family, starting_model(recipe, family, registry)), size, recipe.data.root
-    loaded = open_model(source, registry)
-    size = parse_input_size(input_size) if input_size else loaded.family.default_input_size
-    return (loaded.family, loaded.model), size, None
+        opened = open_recipe(Path(source), app, device=device)
+        size = parse_input_size(input_size) if input_size else opened.recipe.input_size
+        opened.family.check_input_size(*size)
+        return opened.family, opened.starting_model(), size, opened.recipe.data.root, opened.device
+    from compressor.session import resolve_device
+
+    loaded = open_model(source, app.registry)
+    return loaded.family, loaded.model, chosen_input_size(loaded, input_size), None, resolve_device(device)
 
 
 @click.command()
@@ -97,29 +121,30 @@ def _load(source: str, input_size: str | None, ctx: click.Context) -> tuple[Any,
 @click.option("--ratios", default=",".join(str(r) for r in DEFAULT_RATIOS), show_default=True,
               help="Comma-separated pruning ratios to try per component.")
 @click.option("--components", default=None, help="Comma-separated components (default: all prunable ones).")
-@click.option("--input-size", default=None, help="H or HxW (default: the recipe's, or the family's).")
-@click.option("--metric", is_flag=True, help="Also evaluate accuracy after each pruning (slow).")
+@input_size_option
+@click.option("--metric", is_flag=True, help="Also evaluate the family's accuracy metric after each pruning (slow).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write sensitivity.json, sensitivity.md and sensitivity.png here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+              help="The folder it writes sensitivity.json, sensitivity.md and sensitivity.png into.")
+@device_option
+@plugin_option
+@json_option
 @handle_errors
 def sensitivity(source: str, ratios: str, components: str | None, input_size: str | None, metric: bool,
-                out_dir: Path | None, as_json: bool) -> None:
+                out_dir: Path | None, device: str, plugins: tuple[str, ...], as_json: bool) -> None:
     """Prune each component alone at a few ratios; report parameters saved and output drift."""
-    (family, model), size, data_root = _load(source, input_size, click.get_current_context())
-    family.check_input_size(*size)
+    family, model, size, data_root, where = _load(source, input_size, plugins, device)
     try:
         ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
     except ValueError as err:
         raise UsageError(f"--ratios {ratios!r}: expected numbers like 0.1,0.25") from err
     if not ratio_list or not all(0 < r < 1 for r in ratio_list):
         raise UsageError(f"--ratios {ratios!r}: each ratio must be between 0 and 1")
-    prunable = [c for c in family.components if c != "heads"]
+    prunable = prunable_components(model, family)
     chosen = [c.strip() for c in components.split(",")] if components else prunable
     unknown = [c for c in chosen if c not in prunable]
     if unknown:
         raise UsageError(f"--components: {', '.join(unknown)} not prunable here (choose from {', '.join(prunable)})")
-    rows = sensitivity_rows(model, family, chosen, ratio_list, size, data_root, metric)
+    rows = sensitivity_rows(model, family, chosen, ratio_list, size, data_root, metric, where)
     if out_dir is not None:
         _write(out_dir, rows)
     click.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))

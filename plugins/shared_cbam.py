@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext
-from compressor_plugins.cbam_plus import resolve_targets
+from compressor_plugins.cbam_plus import check_targets_given, resolve_targets
 
 
 class SharedCBAMParams(pydantic.BaseModel):
@@ -39,8 +39,22 @@ class SharedCBAMParams(pydantic.BaseModel):
     share_channel: bool = Field(
         True, description="One channel gate per channel count among the target CBAMs (here: the 64-channel ones).")
     targets: list[str] | None = Field(
-        None, description="CBAM module paths taking part (e.g. backbone_cbam.0, bifpn_cbam.2); "
+        None, description="CBAM module paths taking part, at least two (e.g. backbone_cbam.0, bifpn_cbam.2); "
                           "all CBAMs when left out.")
+
+    @pydantic.field_validator("targets")
+    @classmethod
+    def _at_least_two(cls, targets: list[str] | None) -> list[str] | None:
+        check_targets_given(targets)
+        if targets is not None and len(set(targets)) < 2:
+            raise ValueError(f"sharing needs at least two CBAMs, got {targets}")
+        return targets
+
+    @pydantic.model_validator(mode="after")
+    def _something_to_share(self) -> SharedCBAMParams:
+        if not (self.share_spatial or self.share_channel):
+            raise ValueError("share_spatial and share_channel are both false: nothing to share")
+        return self
 
 
 def gate_groups(model: nn.Module, paths: list[str], params: SharedCBAMParams) -> list[tuple[str, list[str]]]:
@@ -106,8 +120,6 @@ class SharedCBAM(Pass):
     Params = SharedCBAMParams
 
     def check(self, model: nn.Module, params: SharedCBAMParams, ctx: PassContext) -> None:
-        if not (params.share_spatial or params.share_channel):
-            raise ValueError("params.share_spatial and params.share_channel are both false: nothing to share")
         paths = resolve_targets(model, params.targets)
         if len(paths) < 2:
             raise ValueError(f"params.targets: sharing needs at least two CBAMs, got {paths}")

@@ -26,8 +26,8 @@ shuffle's permutation of the old and of the new channel count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, Literal
 
 import pydantic
 import torch
@@ -35,11 +35,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from compressor import Pass, hookimpl
-from compressor.passes import PassContext
+from compressor.passes import PassContext, PassResult
+from compressor.surgery import batchnorm_keep, conv_keep, dense_conv_weight, grouped_weight, l1_importance, top_k
 from featherface.modules.deform import DeformableConv2d
-from featherface.modules.shuffle import ChannelShuffleBlock, channel_shuffle
+from featherface.modules.shuffle import ChannelShuffleBlock, shuffle_permutation
 from featherface.modules.ssh import SSH, ConvBN
-from featherface.surgery import batchnorm_keep, conv_keep, dense_conv_weight, grouped_weight, l1_importance, top_k
 
 # SSH unit -> (its output width's SSH argument, the unit whose output it reads or None for the SSH input).
 UNITS = {
@@ -63,14 +63,29 @@ class SSHSlimParams(pydantic.BaseModel):
         1, description="Groups of every 3x3 conv with conv=grouped (at least 2, dividing the input and output "
                        "channels of every conv); 1 otherwise.")
     width_ratio: float = Field(
-        1.0, description="Fraction of the channels of every SSH branch (out3x3, mid5x5, out5x5, mid7x7, out7x7) "
-                         "to keep, the most important ones; in (0, 1].")
-    levels: list[int] | None = Field(
+        1.0, gt=0.0, le=1.0, description="Fraction of the channels of every SSH branch (out3x3, mid5x5, out5x5, "
+                                         "mid7x7, out7x7) to keep, the most important ones; in (0, 1].")
+    levels: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, description="Indices of the SSH modules to rebuild (0 = stride 8); empty: all of them.")
     fold_offsets: bool = Field(
         True, description="DCN -> plain/grouped: fold the offset and modulator biases (the input-independent "
                           "sampling shift and scale) into the 3x3 kernel; false copies regular_conv.weight as is. "
                           "Both are exact for a DCN whose offset/modulator convs are zero.")
+
+    @pydantic.field_validator("levels")
+    @classmethod
+    def _some_levels(cls, levels: list[int] | None) -> list[int] | None:
+        if levels is not None and not levels:
+            raise ValueError("empty list; leave it out to rebuild every SSH module")
+        return levels
+
+    @pydantic.model_validator(mode="after")
+    def _groups_fit_the_kind(self) -> SSHSlimParams:
+        if self.conv == "grouped" and self.groups < 2:
+            raise ValueError(f"groups: conv=grouped needs at least 2 groups, got {self.groups}")
+        if self.conv != "grouped" and self.groups != 1:
+            raise ValueError(f"groups: {self.groups} groups only apply with conv=grouped (conv is {self.conv!r})")
+        return self
 
 
 @dataclass(frozen=True)
@@ -114,9 +129,6 @@ class SSHSlim(Pass):
 
     def check(self, model: nn.Module, params: SSHSlimParams, ctx: PassContext) -> None:
         levels = _checked_levels(model, params.levels)
-        if not 0 < params.width_ratio <= 1:
-            raise ValueError(f"width_ratio: {params.width_ratio} is outside (0, 1]")
-        _check_groups_kind(params)
         if params.width_ratio < 1:
             _check_shuffles_not_shared(model, levels)
         for level in levels:
@@ -125,8 +137,9 @@ class SSHSlim(Pass):
             if params.conv == "grouped":
                 _check_groups_divide(ssh.conv3x3.in_channels, widths, params.groups, level)
 
-    def apply(self, model: nn.Module, params: SSHSlimParams, ctx: PassContext) -> nn.Module:
+    def apply(self, model: nn.Module, params: SSHSlimParams, ctx: PassContext) -> PassResult:
         target = Target.of(params)
+        record: list[dict[str, Any]] = []
         for level in _checked_levels(model, params.levels):
             old = model.ssh[level]
             shuffle = model.shuffle[level]
@@ -135,15 +148,15 @@ class SSHSlim(Pass):
             model.ssh[level] = rebuild(old, widths, keep, target)
             if widths.out_channels != old.out_channels:
                 slice_shuffle_input(shuffle, concat_index(old, keep))
-        return model
+            record.append({"level": level, "conv": target.kind, "groups": target.groups,
+                           "before": asdict(widths_of(old)), "after": asdict(widths)})
+        return PassResult(model, {"levels": record})
 
 
 def _checked_levels(model: nn.Module, levels: list[int] | None) -> list[int]:
     count = len(model.ssh)
     if levels is None:
         levels = list(range(count))
-    if not levels:
-        raise ValueError("levels: empty list; leave it out to rebuild every SSH module")
     bad = [level for level in levels if not 0 <= level < count]
     if bad:
         raise ValueError(f"levels: {bad} out of range 0..{count - 1}")
@@ -162,13 +175,6 @@ def _check_shuffles_not_shared(model: nn.Module, levels: list[int]) -> None:
                              "narrowing its SSH would narrow the others' inputs too")
 
 
-def _check_groups_kind(params: SSHSlimParams) -> None:
-    if params.conv == "grouped" and params.groups < 2:
-        raise ValueError(f"groups: conv=grouped needs at least 2 groups, got {params.groups}")
-    if params.conv != "grouped" and params.groups != 1:
-        raise ValueError(f"groups: {params.groups} groups only apply with conv=grouped (conv is {params.conv!r})")
-
-
 def _check_groups_divide(in_channels: int, widths: Widths, groups: int, level: int) -> None:
     for unit, (_, source) in UNITS.items():
         inputs = in_channels if source is None else widths.of(source)
@@ -177,9 +183,14 @@ def _check_groups_divide(in_channels: int, widths: Widths, groups: int, level: i
                              f"{inputs} input and {widths.of(unit)} output channels")
 
 
+def widths_of(ssh: SSH) -> Widths:
+    """The five widths ``ssh`` has now."""
+    return Widths(**{UNITS[unit][0]: getattr(ssh, unit).out_channels for unit in UNITS})
+
+
 def new_widths(ssh: SSH, ratio: float, shuffle_groups: int, level: int) -> Widths:
     """The five widths times ``ratio`` (rounded half up), the output width kept divisible by the shuffle groups."""
-    current = {UNITS[unit][0]: getattr(ssh, unit).out_channels for unit in UNITS}
+    current = asdict(widths_of(ssh))
     widths = {name: int(width * ratio + 0.5) for name, width in current.items()}
     empty = [name for name, width in widths.items() if width < 1]
     if empty:
@@ -288,19 +299,15 @@ def concat_index(ssh: SSH, keep: dict[str, Tensor]) -> Tensor:
     return torch.cat(parts)
 
 
-def shuffle_order(channels: int, groups: int) -> Tensor:
-    """Which input channel the block's own shuffle puts at each output position.
-
-    Read off :func:`channel_shuffle` itself rather than re-derived, so it cannot
-    drift from the forward (for 2 groups: channel c goes to (c % 2)*(C/2) + c // 2).
-    """
-    return channel_shuffle(torch.arange(channels).view(1, channels, 1, 1), groups).flatten()
-
-
 def shuffle_columns(kept: Tensor, channels: int, groups: int) -> Tensor:
-    """For each input of the new reduce conv, the input of the old one that saw the same channel."""
-    old_position = torch.argsort(shuffle_order(channels, groups))
-    new_order = shuffle_order(len(kept), groups)
+    """For each input of the new reduce conv, the input of the old one that saw the same channel.
+
+    Both sides follow :func:`~featherface.modules.shuffle.shuffle_permutation`,
+    the block's own shuffle: the new conv's input ``j`` sees channel
+    ``kept[p_new[j]]``, which the old shuffle put at ``argsort(p_old)[kept[p_new[j]]]``.
+    """
+    old_position = torch.argsort(shuffle_permutation(channels, groups))
+    new_order = shuffle_permutation(len(kept), groups)
     return old_position[kept.cpu()[new_order]]
 
 

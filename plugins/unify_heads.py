@@ -5,6 +5,9 @@ A level's three 1x1 convs read the same feature map, so stacking their weights
 three outputs side by side.  Output channels of a conv do not interact, so the
 pass is lossless and the parameter count is unchanged (6,240 on the baseline):
 the gain is one conv launch per level instead of three.
+
+Every :class:`SeparateHeads` in the model is replaced where it sits (found by
+type, not by attribute name), so any model holding one can take the pass.
 """
 
 from __future__ import annotations
@@ -30,24 +33,44 @@ def _plain_1x1(conv: nn.Module) -> bool:
             and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None)
 
 
-def head_problems(heads: nn.Module) -> list[str]:
-    """Why ``heads`` cannot be unified; empty when it can."""
+def head_problems(heads: nn.Module, where: str = "heads") -> list[str]:
+    """Why ``heads`` (at module path ``where``) cannot be unified; empty when it can."""
     if isinstance(heads, UnifiedHeads):
-        return ["model.heads is already UnifiedHeads (unify_heads was applied before)"]
+        return [f"{where} is already UnifiedHeads (unify_heads was applied before)"]
     if not isinstance(heads, SeparateHeads):
-        return [f"model.heads is a {type(heads).__name__}, not SeparateHeads"]
+        return [f"{where} is a {type(heads).__name__}, not SeparateHeads"]
     problems = []
     a = heads.num_anchors
     for level, convs in enumerate(zip(heads.class_convs, heads.box_convs, heads.landmark_convs)):
         expected = (a * CLASS_OUTPUTS, a * BOX_OUTPUTS, a * LANDMARK_OUTPUTS)
         if not all(_plain_1x1(conv) for conv in convs):
-            problems.append(f"level {level}: a head conv is not a plain 1x1 conv with bias")
+            problems.append(f"{where} level {level}: a head conv is not a plain 1x1 conv with bias")
         elif tuple(conv.out_channels for conv in convs) != expected:
             widths = [c.out_channels for c in convs]
-            problems.append(f"level {level}: output widths {widths}, expected {list(expected)}")
+            problems.append(f"{where} level {level}: output widths {widths}, expected {list(expected)}")
         elif len({conv.in_channels for conv in convs}) != 1:
-            problems.append(f"level {level}: the three convs read different widths {[c.in_channels for c in convs]}")
+            problems.append(f"{where} level {level}: the three convs read different widths "
+                            f"{[c.in_channels for c in convs]}")
     return problems
+
+
+def separate_heads(model: nn.Module) -> list[str]:
+    """Module paths of every :class:`SeparateHeads` in ``model`` (a shared one at its first path), in module order."""
+    return [name for name, module in model.named_modules() if isinstance(module, SeparateHeads)]
+
+
+def model_problems(model: nn.Module) -> list[str]:
+    """Why ``model``'s heads cannot be unified; empty when they can."""
+    paths = separate_heads(model)
+    if not paths:
+        unified = [name or "the model" for name, m in model.named_modules() if isinstance(m, UnifiedHeads)]
+        if unified:
+            return [f"{', '.join(unified)} {'is' if len(unified) == 1 else 'are'} already UnifiedHeads "
+                    "(unify_heads was applied before)"]
+        return ["the model has no SeparateHeads to unify"]
+    if "" in paths:
+        return ["the model itself is a SeparateHeads: there is no parent to hold the unified heads"]
+    return [problem for path in paths for problem in head_problems(model.get_submodule(path), path)]
 
 
 def unify(heads: SeparateHeads) -> UnifiedHeads:
@@ -73,12 +96,19 @@ class UnifyHeads(Pass):
     lossless = True
 
     def check(self, model: nn.Module, params: Any, ctx: PassContext) -> None:
-        problems = head_problems(getattr(model, "heads", None))
+        problems = model_problems(model)
         if problems:
             raise ValueError("; ".join(problems))
 
     def apply(self, model: nn.Module, params: Any, ctx: PassContext) -> nn.Module:
-        model.heads = unify(model.heads)
+        # Every place that holds a SeparateHeads gets its unified twin (one per instance: sharing stays).
+        unified: dict[int, UnifiedHeads] = {}
+        for path, module in list(model.named_modules(remove_duplicate=False)):
+            if isinstance(module, SeparateHeads) and path:
+                if id(module) not in unified:
+                    unified[id(module)] = unify(module)
+                parent_path, _, attribute = path.rpartition(".")
+                setattr(model.get_submodule(parent_path), attribute, unified[id(module)])
         return model
 
 

@@ -8,10 +8,16 @@ import pytest
 import torch
 
 import featherface
+from compressor import load_model
+from compressor.errors import UsageError
 from featherface.original import CheckpointError, translate_key
 from featherface.priors import num_priors
 
 ATOL = 1e-4
+
+
+def _read(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +79,10 @@ def test_loads_prefixed_and_wrapped_checkpoints(reference, tmp_path):
     prefixed = {f"module.{k}": v for k, v in state.items()}
     path = tmp_path / "wrapped.pth"
     torch.save({"state_dict": prefixed, "epoch": 3}, path)
-    for source in (prefixed, {"state_dict": state}, path, str(path)):
-        model = featherface.load_original_checkpoint(source)
+    # In memory through the family package; from a file through the engine's one checkpoint reader.
+    for model in (featherface.load_original_checkpoint(prefixed),
+                  featherface.load_original_checkpoint({"state_dict": state}),
+                  load_model(path), load_model(str(path))):
         with torch.no_grad():
             assert torch.equal(model(x)[0], expected)
 
@@ -95,20 +103,22 @@ def test_missing_unexpected_and_misshapen_keys_are_named(reference):
 def test_not_a_checkpoint(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a torch file at all")
-    with pytest.raises(CheckpointError, match="junk.pth"):
-        featherface.load_original_checkpoint(junk)
-    with pytest.raises(CheckpointError, match="no such file"):
-        featherface.load_original_checkpoint(tmp_path / "missing.pth")
+    with pytest.raises(UsageError, match="junk.pth"):
+        load_model(junk)
+    with pytest.raises(UsageError, match="missing.pth: neither a file"):
+        load_model(tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match="does not hold a state_dict"):
+        featherface.load_original_checkpoint([1, 2])
 
 
 def test_other_architecture_is_refused(reference_dir):
     with pytest.raises(CheckpointError, match="unexpected keys"):
-        featherface.load_original_checkpoint(reference_dir / "retinaface_mnet025_widerface.pth")
+        featherface.load_original_checkpoint(_read(reference_dir / "retinaface_mnet025_widerface.pth"))
 
 
 def test_pretrained_backbone(reference_dir):
     model = featherface.featherface_baseline()
-    featherface.load_pretrained_backbone(model.backbone, reference_dir / "mobilenetV1X0.25_pretrain.tar")
+    featherface.load_pretrained_backbone(model.backbone, _read(reference_dir / "mobilenetV1X0.25_pretrain.tar"))
     raw = torch.load(reference_dir / "mobilenetV1X0.25_pretrain.tar", map_location="cpu", weights_only=True)
     assert torch.equal(model.backbone.stage3[1].pointwise.weight, raw["state_dict"]["module.stage3.1.3.weight"])
 

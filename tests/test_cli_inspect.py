@@ -18,8 +18,8 @@ def test_inspect_baseline_json():
     result = run("inspect", "featherface", "--input-size", "320", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert data["total"] == 592_371
-    assert data["components"] == {
+    assert data["params"]["total"] == 592_371
+    assert data["params"]["components"] == {
         "backbone": 213_072, "cbam": 13_568, "bifpn": 112_606, "ssh": 232_965,
         "channel_shuffle": 13_920, "heads": 6_240, "other": 0,
     }
@@ -38,7 +38,7 @@ def test_inspect_table_and_non_square_size():
 def test_inspect_original_checkpoint(reference_dir):
     result = run("inspect", str(reference_dir / "featherface_baseline_seed0.pt"), "--json", "--input-size", "64")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["total"] == 592_371
+    assert json.loads(result.output)["params"]["total"] == 592_371
 
 
 def _assert_one_line_error(result, *fragments: str) -> None:

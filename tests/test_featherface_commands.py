@@ -54,7 +54,7 @@ def test_eval_widerface_bad_prediction_file(reference_dir, tmp_path):
 
 def test_eval_writes_predictions_and_reports_ap(tiny_data, checkpoint, tmp_path):
     pred = tmp_path / "pred"
-    result = invoke("eval", str(checkpoint), "--data", str(tiny_data), "--input-size", "64", "--pred", str(pred), "--json")
+    result = invoke("eval", str(checkpoint), "--data", str(tiny_data), "--input-size", "64", "--save-predictions", str(pred), "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
     assert 0.0 <= metrics["ap"] <= 1.0 and metrics["val_images"] == 3

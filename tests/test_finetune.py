@@ -77,23 +77,40 @@ def train_recipe(tmp_path: Path, data: Path, steps: int) -> Path:
                  f"train: {{steps: {steps}, batch_size: 2, lr: 0.001, warmup_steps: 2, checkpoint_every: 1}}\n")
 
 
+# Runs `compress train` with every checkpoint after step 2 followed by a long sleep, so the
+# parent's SIGKILL surely lands mid-training, after a checkpoint, never after the end.
+HOLD_AFTER_STEP_2 = """
+import sys, time
+import compressor.train_run as train_run
+from compressor.cli import main
+real = train_run.save_checkpoint
+def held(path, model, family, **kwargs):
+    real(path, model, family, **kwargs)
+    if kwargs.get("extra", {}).get("train_state", {}).get("step", 0) >= 2:
+        time.sleep(600)
+train_run.save_checkpoint = held
+sys.argv = ["compress", *sys.argv[1:]]
+main()
+"""
+
+
 def test_train_is_resumable_after_sigkill_and_deterministic(tmp_path, tiny_data):
     path = train_recipe(tmp_path, tiny_data, steps=6)
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "compressor", "train", str(path), "--out", str(out), "--quiet", "--no-eval"]
+    command = [sys.executable, "-c", HOLD_AFTER_STEP_2, "train", str(path), "--out", str(out), "--quiet", "--no-eval"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     last = out / "last.pt"
     deadline = time.monotonic() + 180
     step = 0
-    while time.monotonic() < deadline and process.poll() is None:
+    while time.monotonic() < deadline and process.poll() is None and step < 2:
         if last.exists():
             step = torch.load(last, map_location="cpu", weights_only=True)["train_state"]["step"]
-            if step >= 2:
-                break
         time.sleep(0.05)
+    assert process.poll() is None, process.communicate()  # still running: held after its checkpoint
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert 2 <= step < 6 or process.returncode == 0
+    assert process.returncode == -signal.SIGKILL
+    assert step == 2 and not (out / "final.pt").exists()
 
     resumed = invoke("train", str(path), "--out", str(out), "--resume", "--no-eval")
     assert resumed.exit_code == 0, resumed.output

@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+import pydantic
 import pytest
 import torch
 from click.testing import CliRunner
@@ -15,7 +16,7 @@ import featherface
 from compressor import load_model
 from compressor.accounting import count_parameters
 from compressor.cli import cli
-from compressor.passes import PassContext
+from compressor.passes import PassContext, PassResult
 from compressor.plugins import load_registry
 from compressor.validate import forward_eval, output_drift
 from featherface.modules import SeparateHeads, UnifiedHeads, cbam
@@ -62,16 +63,17 @@ def baseline() -> nn.Module:
 @pytest.fixture(scope="module")
 def reference(reference_dir: Path) -> nn.Module:
     """Seeded weights that are not the defaults: every gate and BN shapes the outputs."""
-    return featherface.load_original_checkpoint(reference_dir / "featherface_baseline_seed0.pt")
+    return featherface.load_original_checkpoint(torch.load(reference_dir / "featherface_baseline_seed0.pt", weights_only=True))
 
 
 def run_pass(registry, name: str, model: nn.Module, example: torch.Tensor, **params) -> nn.Module:
     """check, then apply to a copy, as the runner does."""
     cls = registry.passes[name]
     parsed = cls.Params(**params)
-    ctx = PassContext(family=FAMILY, example_input=example, teacher=model)
+    ctx = PassContext(family=FAMILY, example_input=example)
     cls().check(model, parsed, ctx)
-    return cls().apply(copy.deepcopy(model), parsed, ctx).eval()
+    result = cls().apply(copy.deepcopy(model), parsed, ctx)
+    return (result.model if isinstance(result, PassResult) else result).eval()
 
 
 def check_pass(registry, name: str, model: nn.Module, example: torch.Tensor, **params) -> None:
@@ -263,7 +265,7 @@ def test_shared_cbam_bad_params(registry, baseline, example):
     assert all(torch.equal(v, mixed.state_dict()[k]) for k, v in state.items())  # check touched nothing
     check_pass(registry, "shared_cbam", mixed, example, share_channel=False)  # spatial gates still alike
     with pytest.raises(ValueError, match=r"targets.*'ssh\.0'"):
-        check_pass(registry, "shared_cbam", baseline, example, targets=["ssh.0"])
+        check_pass(registry, "shared_cbam", baseline, example, targets=["ssh.0", "bifpn_cbam.0"])
     with pytest.raises(ValueError, match="targets"):
         check_pass(registry, "shared_cbam", baseline, example, targets=["bifpn_cbam.1"])
     with pytest.raises(ValueError, match="share_spatial"):
@@ -312,6 +314,61 @@ def test_unify_heads_refuses_unified_heads(registry, baseline, example):
     unified = run_pass(registry, "unify_heads", baseline, example)
     with pytest.raises(ValueError, match="already UnifiedHeads"):
         check_pass(registry, "unify_heads", unified, example)
+
+
+class _Holder(nn.Module):
+    """Heads under names unify_heads cannot guess: found by type, replaced where they sit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.detector = SeparateHeads([8, 4])
+        self.extra = nn.ModuleList([SeparateHeads([6])])
+        self.alias = self.detector  # one instance at two places: it stays one
+
+    def forward(self, features):
+        return [*self.detector(features[:2]), *self.extra[0](features[2:])]
+
+
+def test_unify_heads_finds_every_separate_heads_by_type(registry, example):
+    holder = _Holder().eval()
+    features = [torch.randn(2, c, s, s) for c, s in ((8, 4), (4, 2), (6, 2))]
+    unified = run_pass(registry, "unify_heads", holder, example)
+    assert isinstance(unified.detector, UnifiedHeads) and isinstance(unified.extra[0], UnifiedHeads)
+    assert unified.alias is unified.detector
+    assert not any(isinstance(m, SeparateHeads) for m in unified.modules())
+    with torch.no_grad():
+        for a, b in zip(holder(features), unified(features)):
+            assert torch.equal(a, b)
+
+
+def test_unify_heads_says_why_it_does_not_apply(registry, example):
+    with pytest.raises(ValueError, match="^the model has no SeparateHeads"):
+        check_pass(registry, "unify_heads", nn.Sequential(nn.Conv2d(3, 4, 1)), example)
+    holder = _Holder()
+    holder.extra[0].box_convs[0] = nn.Conv2d(6, 5, 1)
+    with pytest.raises(ValueError, match=r"^extra\.0 level 0: output widths \[4, 5, 20\], expected \[4, 8, 20\]$"):
+        check_pass(registry, "unify_heads", holder, example)
+
+
+ATTENTION_BAD_PARAMS = [
+    ("cbam_plus", {"reduction_ratio": 0}, "reduction_ratio"),
+    ("cbam_plus", {"min_hidden": -1}, "min_hidden"),
+    ("cbam_plus", {"targets": []}, "targets"),
+    ("shared_cbam", {"targets": []}, "targets"),
+    ("shared_cbam", {"targets": ["bifpn_cbam.1"]}, "targets"),
+    ("shared_cbam", {"targets": ["bifpn_cbam.1", "bifpn_cbam.1"]}, "targets"),
+    ("shared_cbam", {"share_spatial": False, "share_channel": False}, "share_spatial"),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "field"), ATTENTION_BAD_PARAMS)
+def test_bad_params_are_refused_without_a_model(registry, name, params, field):
+    with pytest.raises(pydantic.ValidationError) as caught:
+        registry.passes[name].Params.model_validate(params)
+    (error,) = caught.value.errors()
+    where = ".".join(str(part) for part in error["loc"])
+    assert where == field or (not where and error["msg"].startswith(f"Value error, {field}")), error
 
 
 def test_cbam_plus_spec_round_trip(registry, baseline, example):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pydantic
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,20 +18,15 @@ from compressor import load_model
 from compressor.accounting import count_parameters, unique_parameters
 from compressor.checkpoint import save_checkpoint
 from compressor.cli import cli
-from compressor.passes import PassContext
+from compressor.passes import PassContext, PassResult
 from compressor.plugins import load_registry
 from compressor.validate import output_drift
 from featherface.modules import SSH, ChannelShuffleBlock, DeformableConv2d
 from featherface.modules.bifpn import FusionWeights
+from featherface.modules.shuffle import channel_shuffle, shuffle_permutation
 from compressor_plugins.featherface_family import FAMILY
-from compressor_plugins.prune import (
-    DEFORMABLE_PRUNER,
-    Prune,
-    dependency_graph,
-    prune_model,
-    shuffle_permutation,
-    shuffles_folded,
-)
+from compressor_plugins.featherface_pruning import DEFORMABLE_PRUNER, shuffles_folded
+from compressor_plugins.prune import Prune, dependency_graph, prunable_components, prune_model
 from compressor_plugins.prune import PruneParams as Params
 
 HEAD_OUT = {"class_convs": 4, "box_convs": 8, "landmark_convs": 20}
@@ -244,7 +240,7 @@ def test_deformable_conv_pruner_on_a_lone_ssh():
     removed = [1, 4, 9]
     keep = [i for i in range(16) if i not in removed]
     model = copy.deepcopy(original)
-    graph = dependency_graph(model, x)
+    graph = dependency_graph(model, x, FAMILY.pruning_hints(model))
     graph.get_pruning_group(model.stem, tp.prune_conv_out_channels, removed).prune()
     for name in ("conv3x3", "conv5x5_1"):
         pruned, before = getattr(model.ssh, name).conv, getattr(original.ssh, name).conv
@@ -260,7 +256,7 @@ def test_deformable_conv_pruner_on_a_lone_ssh():
 
     # Out channels: remove rows of the 3x3 branch's regular conv -> those output channels go, the rest stay.
     model = copy.deepcopy(original)
-    graph = dependency_graph(model, x)
+    graph = dependency_graph(model, x, FAMILY.pruning_hints(model))
     graph.get_pruning_group(model.ssh.conv3x3.conv, DEFORMABLE_PRUNER.prune_out_channels, [0, 5]).prune()
     conv = model.ssh.conv3x3.conv
     widths = (conv.regular_conv.out_channels, conv.offset_conv.out_channels, conv.modulator_conv.out_channels)
@@ -399,7 +395,7 @@ def _mean_drift(before, after) -> float:
     ],
 )
 def test_carried_weights_drift_less_than_a_reinitialised_copy(ratios, margin, reference_dir, example):
-    trained = featherface.load_original_checkpoint(reference_dir / "featherface_baseline_seed0.pt")
+    trained = featherface.load_original_checkpoint(torch.load(reference_dir / "featherface_baseline_seed0.pt", weights_only=True))
     model = copy.deepcopy(trained)
     prune_model(model, Params(ratios=ratios), _ctx(example))
     torch.manual_seed(0)
@@ -415,12 +411,7 @@ def test_carried_weights_drift_less_than_a_reinitialised_copy(ratios, margin, re
     [
         ({"ratios": {"neck": 0.2}}, "ratios"),
         ({"ratios": {"heads": 0.2}}, "ratios"),
-        ({"ratios": {"ssh": 1.0}}, "ratios"),
-        ({"ratio": 1.0}, "ratio"),
-        ({"ratio": -0.1}, "ratio"),
-        ({}, "ratio"),
         ({"ratio": 0.1, "ignored_layers": ["backbone.stage9"]}, "ignored_layers"),
-        ({"ratio": 0.1, "round_to": 0}, "round_to"),
     ],
 )
 def test_bad_params_are_refused_by_check(params, named, baseline, example):
@@ -431,6 +422,53 @@ def test_bad_params_are_refused_by_check(params, named, baseline, example):
     with pytest.raises(ValueError, match=rf"^{named}\b"):
         pass_cls().check(model, pass_cls.Params(**params), _ctx(example))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "params, named",
+    [
+        ({"ratios": {"ssh": 1.0}}, "ratios.ssh"),
+        ({"ratios": {"backbone": 1.5}}, "ratios.backbone"),
+        ({"ratios": {"ssh": -0.1}}, "ratios.ssh"),
+        ({"ratio": 1.0}, "ratio"),
+        ({"ratio": -0.1}, "ratio"),
+        ({}, "ratio"),
+        ({"ratio": 0.1, "round_to": 0}, "round_to"),
+    ],
+)
+def test_bad_params_are_refused_without_a_model(params, named):
+    """Range checks are declarative: recipe validation refuses them before any model is loaded."""
+    with pytest.raises(pydantic.ValidationError) as caught:
+        Params.model_validate(params)
+    (error,) = caught.value.errors()
+    where = ".".join(str(part) for part in error["loc"])
+    assert where == named or (not where and error["msg"].startswith(f"Value error, {named}:")), error
+
+
+def test_prunable_components_are_those_outside_the_output_layers(baseline):
+    assert prunable_components(baseline, FAMILY) == ["backbone", "cbam", "bifpn", "ssh", "channel_shuffle"]
+    protected = {id(p) for layer in FAMILY.output_layers(baseline) for p in layer.parameters()}
+    assert protected == {id(p) for p in baseline.heads.parameters()}
+
+
+def test_apply_returns_a_json_record_of_the_pruned_groups(baseline, example):
+    model = copy.deepcopy(baseline)
+    result = Prune().apply(model, Params(ratios={"ssh": 0.25}), _ctx(example))
+    assert isinstance(result, PassResult) and result.model is model
+    groups = json.loads(json.dumps(result.record))["groups"]
+    assert groups and all(set(g) == {"component", "root", "channels", "kept", "removed"} for g in groups)
+    assert all(g["component"] == "ssh" and g["kept"] + len(g["removed"]) == g["channels"] for g in groups)
+    conv3x3 = next(g for g in groups if g["root"] == "ssh.0.conv3x3.conv")
+    assert (conv3x3["channels"], conv3x3["kept"]) == (32, model.ssh[0].conv3x3.conv.out_channels) == (32, 24)
+
+
+@pytest.mark.parametrize("channels, groups", [(8, 2), (12, 3), (64, 2), (6, 1), (24, 4)])
+def test_shuffle_permutation_is_the_shuffle(channels, groups):
+    x = torch.randn(2, channels, 3, 5)
+    p = shuffle_permutation(channels, groups)
+    assert sorted(p.tolist()) == list(range(channels))
+    assert torch.equal(channel_shuffle(x, groups), x[:, p])
+    assert torch.equal(channel_shuffle(x, groups)[:, torch.argsort(p)], x)  # the inverse
 
 
 def test_params_forbid_unknown_keys():

@@ -32,4 +32,7 @@ def test_v2_without_finetuning_reaches_250k_with_every_stage_ok(tmp_path):
     assert report["final"]["params"]["total"] <= 250_000
     unify = next(s for s in report["stages"] if s["pass"] == "unify_heads")
     assert unify["output_drift"] < 1e-5
-    assert report["budget_check"]["ok"]
+    # Every parameter limit holds; the accuracy limit was not measured, so it is neither passed nor failed.
+    verdicts = {v["what"]: v["status"] for v in report["budget_check"]["verdicts"]}
+    assert verdicts == {"total": "pass", "accuracy drop (ap)": "not checked"}
+    assert report["budget_check"]["ok"] is None and report["budget_check"]["overshoots"] == []

@@ -53,7 +53,7 @@ def test_end_to_end_with_third_party_pass(tmp_path):
     assert narrow["repeats"] == 2 and narrow["params"]["components"]["ssh"] <= 160_000
     assert sum(narrow["params"]["components"].values()) == narrow["params"]["total"]
     assert report["final"]["params"]["total"] == narrow["params"]["total"]
-    assert identity["finetune"] == "skipped (--no-finetune)"
+    assert identity["finetune"]["skipped"] == "--no-finetune"
     for name in ("report.md", "final.pt", "plots/params_by_component.png", "plots/params_vs_accuracy.png"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
@@ -64,7 +64,7 @@ def test_end_to_end_with_third_party_pass(tmp_path):
     content = torch.load(out / "final.pt", map_location="cpu", weights_only=True)
     assert content["spec"]["type"] == "FeatherFace" and content["recipe"]["seed"] == 3
     inspected = CliRunner().invoke(cli, ["inspect", str(out), "--json", "--input-size", "64"])
-    assert json.loads(inspected.output)["total"] == report["final"]["params"]["total"]
+    assert json.loads(inspected.output)["params"]["total"] == report["final"]["params"]["total"]
 
     again = run(str(recipe(tmp_path, STAGES, "budget: {total: 510000}\n")), "--out", str(out), "--resume")
     assert again.exit_code == 0
@@ -121,7 +121,7 @@ def test_overrides_on_run(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["stages"][0]["params"]["factor"] == 1.0
     assert report["stages"][0]["output_drift"] == 0.0
-    assert report["stages"][0]["finetune"] == "skipped (--no-finetune)"
+    assert report["stages"][0]["finetune"]["skipped"] == "--no-finetune"
 
 
 def _final_state(out: Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..spec import register
@@ -15,6 +16,19 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     """
     n, c, h, w = x.shape
     return x.reshape(n, c // groups, groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+def shuffle_permutation(channels: int, groups: int) -> Tensor:
+    """The permutation ``p`` of :func:`channel_shuffle`: ``channel_shuffle(x, groups)[:, j] == x[:, p[j]]``.
+
+    Read off :func:`channel_shuffle` itself rather than re-derived, so every
+    consumer (pruning's folding, ``ssh_slim``'s column slicing) follows the
+    forward exactly; for 2 groups: ``[0, 2, 4, ..., 1, 3, 5, ...]``.  Its inverse
+    is ``torch.argsort(p)``: input channel ``c`` lands at position ``argsort(p)[c]``.
+    """
+    if channels % groups:
+        raise ValueError(f"{channels} channels cannot be shuffled in {groups} groups")
+    return channel_shuffle(torch.arange(channels).view(1, channels, 1, 1), groups).flatten()
 
 
 @register

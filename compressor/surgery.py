@@ -1,8 +1,10 @@
-"""Channel surgery: narrower layers that keep the trained weights of the channels they keep.
+"""The engine's toolkit of channel surgery for passes: narrower layers that keep the
+trained weights of the channels they keep.
 
 Every lossy pass builds its new structure from the weights it replaces; these
-are the few primitives they share.  Each returns a new layer and leaves the old
-one untouched.
+are the few primitives they share, on standard torch layers only (convs, batch
+norms, linears), so they serve any model family.  Each returns a new layer on
+the old one's device and in its dtype, and leaves the old one untouched.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 
-def _index(index: Tensor | list[int], device: torch.device) -> Tensor:
+def _index(index: Tensor | list[int], device: torch.device | None) -> Tensor:
     return torch.as_tensor(index, dtype=torch.long, device=device)
 
 
@@ -45,18 +47,23 @@ def conv_keep(conv: nn.Conv2d, out_index: Tensor | list[int] | None = None,
     return new
 
 
-def batchnorm_keep(bn: nn.BatchNorm2d, index: Tensor | list[int]) -> nn.BatchNorm2d:
-    """A copy of ``bn`` with only the listed channels (statistics and affine kept)."""
-    index = _index(index, bn.weight.device)
-    new = nn.BatchNorm2d(len(index), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                         track_running_stats=bn.track_running_stats, device=bn.weight.device)
+def batchnorm_keep(bn: nn.modules.batchnorm._BatchNorm, index: Tensor | list[int]) -> nn.modules.batchnorm._BatchNorm:
+    """A copy of ``bn`` (same class) with only the listed channels (statistics and affine kept, when it has them)."""
+    like = bn.weight if bn.weight is not None else bn.running_mean  # None: nothing per channel to carry
+    device = like.device if like is not None else None
+    dtype = like.dtype if like is not None else None
+    index = _index(index, device)
+    new = type(bn)(len(index), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                   track_running_stats=bn.track_running_stats, device=device, dtype=dtype)
     with torch.no_grad():
-        if bn.affine:
+        if bn.weight is not None:
             new.weight.copy_(bn.weight[index])
+        if bn.bias is not None:
             new.bias.copy_(bn.bias[index])
-        if bn.track_running_stats:
+        if bn.running_mean is not None:
             new.running_mean.copy_(bn.running_mean[index])
             new.running_var.copy_(bn.running_var[index])
+        if bn.num_batches_tracked is not None:
             new.num_batches_tracked.copy_(bn.num_batches_tracked)
     new.train(bn.training)
     return new

@@ -1,0 +1,116 @@
+"""Opening a recipe: the one path from a YAML file to everything a command needs to act on it.
+
+``run``, ``train``, ``validate`` and ``sensitivity`` all go through
+:func:`open_recipe`: load the YAML, apply ``--set`` overrides, validate it,
+register the recipe's plugins on the command's :class:`App`, resolve the model
+family, validate every stage's params against its pass, check the files it
+names and the input size, pick the device and the output folder.  Nothing here
+loads a model; :meth:`OpenedRecipe.starting_model` does, when asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import torch
+from torch import nn
+
+from .checkpoint import LoadedModel, open_model, read_file
+from .errors import UsageError
+from .family import ModelFamily
+from .plugins import App
+from .recipe import (
+    Recipe,
+    TrainRecipe,
+    _RunSettings,
+    check_against_registry,
+    check_budget_components,
+    check_sources,
+    load_recipe,
+)
+
+DEVICES = ("cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a ``--device`` option names; an unavailable one is a usage error."""
+    if name not in DEVICES:
+        raise UsageError(f"--device {name}: expected one of {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available on this machine (use --device cpu)")
+    return torch.device(name)
+
+
+def default_out_dir(recipe_path: Path) -> Path:
+    return Path("runs") / recipe_path.stem
+
+
+@dataclass
+class OpenedRecipe:
+    """A validated recipe with its family, pass params, device and output folder resolved."""
+
+    path: Path
+    recipe: Any  # Recipe or TrainRecipe
+    app: App
+    family: ModelFamily
+    device: torch.device
+    out_dir: Path
+    stage_params: list[pydantic.BaseModel] = field(default_factory=list)
+    _loaded: LoadedModel | None = None
+
+    def starting_model(self) -> nn.Module:
+        """The model the recipe starts from: its checkpoint, or the family's baseline (optionally pretrained)."""
+        source = self.recipe.model
+        if source.checkpoint is None:
+            model = self.family.baseline()
+            if source.pretrained is not None:
+                self.family.load_pretrained(model, read_file(source.pretrained), str(source.pretrained))
+            return model.eval()
+        loaded = self._loaded or open_model(source.checkpoint, self.app.registry)
+        self._loaded = None  # hand it out once; a second call reloads rather than sharing weights
+        if loaded.family is not self.family:
+            raise UsageError(
+                f"{self.path}: model.checkpoint: {source.checkpoint} is a {loaded.family.name} model, "
+                f"but model.family is {self.family.name}"
+            )
+        return loaded.model
+
+
+def open_recipe(path: str | Path, app: App, *, overrides: list[str] | tuple[str, ...] = (),
+                kind: type[_RunSettings] = Recipe, device: str = "cpu",
+                out_dir: Path | None = None) -> OpenedRecipe:
+    """Load, override and check a recipe without loading any model (unless the family must be read off it)."""
+    path = Path(path)
+    recipe, _ = load_recipe(path, overrides, kind)
+    app.add_plugins(recipe.plugins, base_dir=path.parent)
+    registry = app.registry
+    check_sources(recipe, path)
+    stage_params = check_against_registry(recipe, registry, path) if isinstance(recipe, Recipe) else []
+    family, loaded = _family(recipe, app, path)
+    if isinstance(recipe, Recipe):
+        check_budget_components(recipe, family, path)
+    try:
+        family.check_input_size(*recipe.input_size)
+    except UsageError as err:
+        raise UsageError(f"{path}: input_size: {err}") from err
+    if isinstance(recipe, TrainRecipe) and recipe.train.steps and not family.supports_training:
+        raise UsageError(f"{path}: model family {family.name} has no training support")
+    return OpenedRecipe(path=path, recipe=recipe, app=app, family=family, device=resolve_device(device),
+                        out_dir=out_dir or default_out_dir(path), stage_params=stage_params, _loaded=loaded)
+
+
+def _family(recipe: _RunSettings, app: App, path: Path) -> tuple[ModelFamily, LoadedModel | None]:
+    """``model.family``; when left out, the checkpoint's family, or the only one registered."""
+    registry = app.registry
+    if recipe.model.family is not None:
+        return registry.get_family(recipe.model.family, where=f"{path}: model.family: "), None
+    if recipe.model.checkpoint is not None:
+        loaded = open_model(recipe.model.checkpoint, registry)
+        return loaded.family, loaded
+    if len(registry.families) == 1:
+        return next(iter(registry.families.values())), None
+    raise UsageError(f"{path}: model.family: required without model.checkpoint "
+                     f"(families: {', '.join(registry.families) or 'none registered'})")
