@@ -12,7 +12,7 @@ from .accounting import ParameterCount
 class Budget(pydantic.BaseModel):
     """Upper limits; any left out is not checked."""
 
-    model_config = pydantic.ConfigDict(extra="forbid")
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
 
     total: pydantic.PositiveInt | None = pydantic.Field(None, description="Most parameters in all, each tensor counted once.")
     components: dict[str, pydantic.NonNegativeInt] = pydantic.Field(

@@ -131,14 +131,32 @@ def _key_hint(content: object) -> str:
 
 
 def _from_own_format(content: dict, path: Path, registry: Registry) -> LoadedModel:
+    """Rebuild a model from our checkpoint format, checking every part before trusting it."""
     family = registry.get_family(str(content.get("family")), where=f"{path}: ")
-    model = family.build(content["spec"])
+    spec, state = content.get("spec"), content.get("state_dict")
+    if not isinstance(spec, dict):
+        raise UsageError(f"{path}: damaged checkpoint: no architecture spec")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise UsageError(f"{path}: damaged checkpoint: no state_dict of named tensors")
     try:
-        model.load_state_dict(content["state_dict"])
+        model = family.build(spec)
+    except UsageError as err:
+        raise UsageError(f"{path}: {err}") from err
+    except Exception as err:  # a spec written by hand or damaged: wrong types, negative widths, ...
+        raise UsageError(f"{path}: damaged checkpoint: its architecture spec does not build a {family.name} "
+                         f"model ({type(err).__name__}: {_first_line(err)})") from err
+    try:
+        model.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         raise UsageError(f"{path}: weights do not fit the stored architecture ({' '.join(first[:2])})") from err
     return LoadedModel(family, model.eval(), str(path), content)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else "no detail"
 
 
 def load_model(source: str | Path) -> nn.Module:

@@ -17,7 +17,7 @@ from . import accounting
 from .checkpoint import LoadedModel, open_model
 from .errors import CompressorError, UsageError
 from .inputs import parse_input_size
-from .plugins import App, Registry
+from .plugins import App, Registry, guarded
 from .session import DEVICES, resolve_device
 
 
@@ -83,7 +83,10 @@ class CompressGroup(click.Group):
             meta["compressor.commands"] = collector.commands
             try:
                 app = app_from(ctx)
-                app.pm.hook.compressor_commands(cli=collector, app=app)
+                for impl in app.pm.hook.compressor_commands.get_hookimpls():
+                    guarded(f"plugin {impl.plugin_name}", "raised in compressor_commands()",
+                            lambda: impl.function(**{k: v for k, v in (("cli", collector), ("app", app))
+                                                     if k in impl.argnames}))
             except CompressorError as err:
                 _fail(str(err), err.exit_code)
         return meta["compressor.commands"]
@@ -366,4 +369,8 @@ def train_command(recipe: Path, out_dir: Path | None, resume: bool, overrides: t
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except KeyboardInterrupt:  # during start-up (imports, plugins), before a command's own handler
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)

@@ -19,3 +19,7 @@ class CheckFailed(CompressorError):
     """A check ran and failed: a budget, a contract, a validation.  Exit code 1."""
 
     exit_code = 1
+
+
+class OutputError(UsageError):
+    """A file or folder cannot be written (a bad path, no permission, a full disk).  Exit code 2."""

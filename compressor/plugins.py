@@ -54,7 +54,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         if pm.is_blocked(entry_point.name) or pm.get_plugin(entry_point.name) is not None:
             continue
         where = f"plugin {entry_point.name} (entry point {entry_point.value})"
-        module = _guarded(where, "failed to load", entry_point.load)
+        module = guarded(where, "failed to load", entry_point.load)
         if pm.is_registered(module):
             continue
         pm.register(module, name=entry_point.name)
@@ -72,7 +72,7 @@ def add_plugins(pm: pluggy.PluginManager, plugins: Iterable[str], base_dir: Path
         pm.register(module, name=reference)
 
 
-def _guarded(where: str, what: str, call: Callable[[], Any]) -> Any:
+def guarded(where: str, what: str, call: Callable[[], Any]) -> Any:
     """Run plugin code; whatever it raises (SystemExit included) becomes one UsageError naming it."""
     try:
         return call()
@@ -99,12 +99,12 @@ def import_plugin(reference: str, base_dir: Path | None = None) -> ModuleType:
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         try:
-            _guarded(f"plugin {reference}", "failed to import", lambda: spec.loader.exec_module(module))
+            guarded(f"plugin {reference}", "failed to import", lambda: spec.loader.exec_module(module))
         except UsageError:
             del sys.modules[module_name]
             raise
         return module
-    return _guarded(f"plugin {reference}", "failed to import", lambda: importlib.import_module(reference))
+    return guarded(f"plugin {reference}", "failed to import", lambda: importlib.import_module(reference))
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _hook_results(pm: pluggy.PluginManager, hook_name: str) -> Iterable[tuple[st
     """(plugin name, returned list) for every implementation of a list-returning hook."""
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
         where = f"plugin {impl.plugin_name}"
-        result = _guarded(where, f"raised in {hook_name}()", impl.function)
+        result = guarded(where, f"raised in {hook_name}()", impl.function)
         if result is None:
             continue
         if not isinstance(result, (list, tuple)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
@@ -22,7 +22,28 @@ from .plugins import Registry
 
 
 class _Strict(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
+    # No NaN or infinity anywhere in a recipe: every float field is finite.
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+#: What a name that ends up in a file name may be: letters, digits, '.', '_', '-', not starting
+#: with '.' or '-', at most 64 characters.  Stage names become checkpoint file names.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+
+# Upper bounds that no real recipe reaches: a value past them is a typo, and would otherwise
+# surface much later as an out-of-memory, an overflow or a non-finite weight.
+MAX_STEPS = 10_000_000
+MAX_BATCH = 4096
+MAX_SIDE = 8192
+MAX_LR = 10.0
+
+
+def _safe_name(value: str | None) -> str | None:
+    if value is not None and not SAFE_NAME.fullmatch(value):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise ValueError(f"{shown!r} is not a safe name: use at most 64 letters, digits, '.', '_' or '-', "
+                         "not starting with '.' or '-' (it becomes a file name)")
+    return value
 
 
 class ModelSource(_Strict):
@@ -55,39 +76,49 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     """Training settings, for `compress train` and for the finetuning after each stage."""
 
-    steps: pydantic.NonNegativeInt = Field(0, description="Optimiser steps; 0 skips training.")
-    lr: pydantic.PositiveFloat = Field(1e-3, description="Peak learning rate.")
-    batch_size: pydantic.PositiveInt = Field(8, description="Images per step (per process under torchrun).")
+    steps: int = Field(0, ge=0, le=MAX_STEPS, description="Optimiser steps; 0 skips training.")
+    lr: float = Field(1e-3, gt=0, le=MAX_LR, description=f"Peak learning rate (at most {MAX_LR:g}).")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Images per step (per process under torchrun).")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with momentum.")
-    weight_decay: pydantic.NonNegativeFloat = Field(5e-4, description="Decoupled (AdamW) or L2 (SGD) weight decay.")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="Decoupled (AdamW) or L2 (SGD) weight decay.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    warmup_steps: pydantic.NonNegativeInt = Field(0, description="Linear warm-up from 0 to lr over these steps.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warm-up from 0 to lr over these steps.")
     schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="Decay after warm-up.")
-    milestones: list[float] = Field([0.6, 0.85], description="For schedule: step, fractions of steps where lr *= gamma.")
+    milestones: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        [0.6, 0.85], max_length=100, description="For schedule: step, fractions of steps (0 < m < 1) where lr *= gamma."
+    )
     gamma: float = Field(0.1, gt=0, le=1, description="For schedule: step, the decay factor.")
-    grad_clip: pydantic.PositiveFloat | None = Field(10.0, description="Clip the gradient norm to this; empty: no clipping.")
+    grad_clip: float | None = Field(10.0, gt=0, le=1e6, description="Clip the gradient norm to this; empty: no clipping.")
     teacher: Literal["previous", "baseline", "none"] = Field(
         "previous", description="Distil from the model before the stage, from the starting model, or not at all."
     )
-    distill_weight: pydantic.NonNegativeFloat = Field(1.0, description="Weight of the distillation loss.")
-    task_weight: pydantic.NonNegativeFloat = Field(1.0, description="Weight of the task (ground-truth) loss.")
-    temperature: pydantic.PositiveFloat = Field(2.0, description="Distillation temperature for class logits.")
+    distill_weight: float = Field(1.0, ge=0, le=1e4, description="Weight of the distillation loss.")
+    task_weight: float = Field(1.0, ge=0, le=1e4, description="Weight of the task (ground-truth) loss.")
+    temperature: float = Field(2.0, gt=0, le=100, description="Distillation temperature for class logits.")
     amp: bool = Field(True, description="Mixed precision (CUDA only; ignored on the CPU).")
-    checkpoint_every: pydantic.PositiveInt = Field(100, description="`compress train`: save a resumable checkpoint this often.")
+    checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS,
+                                  description="`compress train`: save a resumable checkpoint this often.")
+
+    @pydantic.model_validator(mode="after")
+    def _warmup_within_steps(self) -> TrainConfig:
+        if self.steps and self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) is more than steps ({self.steps})")
+        return self
 
 
 class FinalBudget(Budget):
     """The run's final targets."""
 
-    max_accuracy_drop: pydantic.NonNegativeFloat | None = Field(
-        None, description="Largest drop of the accuracy metric against the starting model, in metric units (e.g. 0.02 AP)."
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1e6,
+        description="Largest drop of the accuracy metric against the starting model, in metric units (e.g. 0.02 AP).",
     )
 
 
 class Until(Budget):
     """Repeat a stage's pass until these limits hold."""
 
-    max_repeats: pydantic.PositiveInt = Field(10, description="Give up (and fail the stage) after this many applications.")
+    max_repeats: int = Field(10, ge=1, le=1000, description="Give up (and fail the stage) after this many applications.")
 
 
 class Stage(_Strict):
@@ -102,6 +133,8 @@ class Stage(_Strict):
     budget: Budget | None = Field(None, description="Limits checked right after the pass.")
     until: Until | None = Field(None, description="Repeat the pass until these limits hold.")
 
+    _names_are_safe = pydantic.field_validator("name", "pass_name")(classmethod(lambda cls, v: _safe_name(v)))
+
     @property
     def label(self) -> str:
         return self.name or self.pass_name
@@ -111,10 +144,11 @@ class _RunSettings(_Strict):
     """What compression and training recipes share."""
 
     model: ModelSource = Field(default_factory=ModelSource)
-    input_size: tuple[pydantic.PositiveInt, pydantic.PositiveInt] = Field(
-        (640, 640), description="(height, width) for training, validation, MACs and drift; an int means square."
+    input_size: tuple[Annotated[int, Field(ge=1, le=MAX_SIDE)], Annotated[int, Field(ge=1, le=MAX_SIDE)]] = Field(
+        (640, 640), description=f"(height, width) for training, validation, MACs and drift, each at most {MAX_SIDE}; "
+        "an int means square."
     )
-    seed: int = Field(0, description="Seed for everything random in the run.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed for everything random in the run (0 <= seed < 2**32).")
     plugins: list[str] = Field(default_factory=list, description="Extra plugins: dotted module paths or .py files.")
     data: DataConfig = Field(default_factory=DataConfig)
 
@@ -155,19 +189,55 @@ class Recipe(_RunSettings):
 # ---------------------------------------------------------------- loading
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (no tags beyond plain data), refusing a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # complex keys: the base class refuses the unhashable ones
+            key = self.construct_object(key_node)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {first_line[key] + 1} and "
+                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Plain data from YAML text; every problem is one UsageError naming the place."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise UsageError(f"{where}: {at}invalid YAML: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"{where}: invalid YAML: {err}") from None
+    except RecursionError:
+        raise UsageError(f"{where}: invalid YAML: nested too deeply") from None
+
+
+def read_text(path: Path) -> str:
+    """A text file's content as UTF-8, or one UsageError saying why not."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                 kind: type[_RunSettings] = Recipe) -> tuple[Any, dict]:
     """Read, override and validate a recipe file.  Returns the recipe and its raw data."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such recipe file")
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise UsageError(f"{path}: {where}invalid YAML: {err.problem}") from err
+    text = read_text(path)
+    raw = parse_yaml(text, str(path))
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: a recipe is a mapping of keys (model, stages, ...), not a {type(raw).__name__}")
@@ -197,7 +267,7 @@ def describe_validation_error(err: pydantic.ValidationError, text: str | None = 
     lines = []
     for problem in err.errors():
         loc = prefix + tuple(problem["loc"])
-        message = problem["msg"]
+        message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown key" + _key_suggestion(loc, problem)
         where = _line_of(text, loc) if text else ""
@@ -249,8 +319,8 @@ def format_path(loc: tuple) -> str:
 def _line_of(text: str, loc: tuple) -> str:
     """' (line N)' for the YAML node at ``loc``, or '' when it cannot be found."""
     try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
+        node = yaml.compose(text, Loader=_RecipeLoader)
+    except (yaml.YAMLError, RecursionError):
         return ""
     found = None
     for part in loc:
@@ -281,10 +351,7 @@ def apply_override(raw: dict, override: str) -> None:
     parts = [int(p) if isinstance(p, str) and p.isdigit() else p for p in parts]
     if not parts:
         raise UsageError(f"--set {override!r}: empty key path")
-    try:
-        value = yaml.safe_load(value_text)
-    except yaml.YAMLError as err:
-        raise UsageError(f"--set {override!r}: value is not valid YAML") from err
+    value = parse_yaml(value_text, f"--set {override!r}: the value")
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
         try:

@@ -7,6 +7,7 @@ is one typed :class:`~compressor.record.RunRecord`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
@@ -27,6 +28,7 @@ from .progress import Progress
 from .record import FinetuneRecord, Measured, RunMode, RunRecord, StageRecord, read_record
 from .recipe import Recipe, Stage
 from .report import REPORT_JSON, write_report
+from .runfolder import RunFolder
 from .session import OpenedRecipe
 from .train import distributed, init_distributed, is_main_process, train
 from .validate import contract_violations, forward_eval, non_finite_outputs, output_contract, output_drift
@@ -77,9 +79,17 @@ def seed_everything(seed: int) -> None:
 
 
 def run_recipe(opened: OpenedRecipe, options: RunOptions) -> RunRecord:
-    """Run (or resume) an opened recipe; returns the final record.  Raises CompressorError on failure."""
-    recipe, family, out_dir = opened.recipe, opened.family, opened.out_dir
+    """Run (or resume) an opened recipe; returns the final record.  Raises CompressorError on failure.
+
+    The run folder is locked for the whole run (by rank 0 under torchrun, the one that writes).
+    """
     init_distributed(opened.device)
+    with RunFolder(opened.out_dir) if is_main_process() else contextlib.nullcontext():
+        return _run(opened, options)
+
+
+def _run(opened: OpenedRecipe, options: RunOptions) -> RunRecord:
+    recipe, family, out_dir = opened.recipe, opened.family, opened.out_dir
     progress = Progress(options.quiet or not is_main_process())
     mode = RunMode(finetune=options.finetune, evaluate=options.finetune and family.supports_training,
                    device=opened.device.type)
@@ -88,6 +98,8 @@ def run_recipe(opened: OpenedRecipe, options: RunOptions) -> RunRecord:
     previous = _read_previous(out_dir) if is_main_process() or options.resume else None
     if previous is not None and not options.resume:
         raise UsageError(f"{out_dir}: already holds a run; use --resume to continue it, or --out for a new folder")
+    if previous is None and options.resume:
+        raise UsageError(f"{out_dir}: no run to resume (no {REPORT_JSON}); start it without --resume")
     if previous is not None:
         _check_same_run(out_dir, previous, recipe_record, mode)
 
@@ -176,7 +188,8 @@ def _write(ctx: RunContext) -> None:
 
 
 def _checkpoint_path(out_dir: Path, index: int, label: str) -> Path:
-    return out_dir / CHECKPOINT_DIR / f"stage-{index:02d}-{label}.pt"
+    # Stage names are validated as safe file names when the recipe loads; this is the second line of defence.
+    return RunFolder(out_dir).inside(CHECKPOINT_DIR, f"stage-{index:02d}-{label}.pt")
 
 
 def _resume_model(ctx: RunContext) -> nn.Module:

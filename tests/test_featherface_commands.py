@@ -92,3 +92,16 @@ def test_sensitivity_table_and_files(checkpoint, tmp_path):
     assert (tmp_path / "sensitivity.png").is_file() and (tmp_path / "sensitivity.json").is_file()
     bad = invoke("sensitivity", str(checkpoint), "--components", "heads")
     assert bad.exit_code == 2 and "heads" in bad.output
+
+
+def test_sensitivity_opens_a_recipe_like_run_does(tmp_path):
+    """The recipe's plugins are loaded and its stages checked, through the same path as `compress run`."""
+    toy = Path(__file__).parent / "fixtures" / "toy_passes.py"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"plugins: [{toy}]\ninput_size: 64\nstages:\n  - pass: scale_heads\n")
+    result = invoke("sensitivity", str(recipe), "--ratios", "0.25", "--components", "cbam", "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["component"] for r in json.loads(result.output)] == ["cbam"]
+    recipe.write_text("input_size: 64\nstages:\n  - pass: scale_heads\n")  # without the plugin: unknown pass
+    result = invoke("sensitivity", str(recipe), "--ratios", "0.25", "--components", "cbam")
+    assert result.exit_code == 2 and "stages[0].pass: unknown pass 'scale_heads'" in result.output
