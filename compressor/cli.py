@@ -51,6 +51,11 @@ def handle_errors(command: Callable) -> Callable:
             if debug:
                 raise
             _fail(str(err), err.exit_code)
+        except OSError as err:  # a path the user gave that the system refuses (too long, no permission, ...)
+            if debug:
+                raise
+            where = f"{err.filename}: " if err.filename else ""
+            _fail(f"{where}{err.strerror or err}", 2)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
 
@@ -95,7 +100,8 @@ class CompressGroup(click.Group):
         return sorted({*super().list_commands(ctx), *self._plugin_commands(ctx)})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        return super().get_command(ctx, name) or self._plugin_commands(ctx).get(name)
+        plugin_commands = self._plugin_commands(ctx)  # always: a broken plugin is reported, whatever the command
+        return super().get_command(ctx, name) or plugin_commands.get(name)
 
 
 # ------------------------------------------------------------ options every command spells the same way
@@ -370,7 +376,11 @@ def train_command(recipe: Path, out_dir: Path | None, resume: bool, overrides: t
 
 def main() -> None:
     try:
-        cli()
-    except KeyboardInterrupt:  # during start-up (imports, plugins), before a command's own handler
+        code = cli.main(standalone_mode=False)
+    except click.exceptions.Abort:  # Ctrl-C during start-up (imports, plugins), before a command's own handler
         click.echo("error: interrupted", err=True)
         sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -69,7 +69,12 @@ def add_plugins(pm: pluggy.PluginManager, plugins: Iterable[str], base_dir: Path
         module = import_plugin(reference, base_dir)
         if pm.is_registered(module) or pm.is_blocked(reference):
             continue
-        pm.register(module, name=reference)
+        if pm.get_plugin(reference) is not None:
+            raise UsageError(f"plugin {reference}: the name is taken by another registered plugin")
+        try:
+            pm.register(module, name=reference)
+        except ValueError as err:  # pluggy: a hook implementation that does not match its spec, ...
+            raise UsageError(f"plugin {reference}: cannot be registered ({err})") from None
 
 
 def guarded(where: str, what: str, call: Callable[[], Any]) -> Any:
