@@ -47,7 +47,7 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], Any]) -> None:
 
 
 def _reason(err: OSError) -> str:
-    return err.strerror or type(err).__name__
+    return err.strerror or str(err) or type(err).__name__
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

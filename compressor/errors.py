@@ -21,5 +21,8 @@ class CheckFailed(CompressorError):
     exit_code = 1
 
 
-class OutputError(UsageError):
-    """A file or folder cannot be written (a bad path, no permission, a full disk).  Exit code 2."""
+class OutputError(UsageError, OSError):
+    """A file or folder cannot be written (a bad path, no permission, a full disk).  Exit code 2.
+
+    Also an ``OSError``, so code that handles failed writes as such keeps working.
+    """

@@ -23,6 +23,7 @@ from . import accounting
 from .budget import Budget, check_budget
 from .checkpoint import FINAL_NAME, open_model, save_checkpoint
 from .errors import CheckFailed, UsageError
+from .finite import describe_non_finite, non_finite_tensors
 from .passes import Pass, PassContext, PassResult
 from .progress import Progress
 from .record import FinetuneRecord, Measured, RunMode, RunRecord, StageRecord, read_record
@@ -291,6 +292,8 @@ def _over(ctx: RunContext, model: nn.Module, budget: Budget) -> list:
 
 def _validate(ctx: RunContext, where: str, stage: Stage, model: nn.Module) -> object:
     """Check the model a pass returned; returns its outputs on the example batch."""
+    if non_finite_tensors(model):  # before any forward: some kernels crash on NaN rather than return it
+        raise CheckFailed(f"{where}: pass {stage.pass_name} left non-finite weights: {describe_non_finite(model)}")
     try:
         ctx.family.spec_of(model)
     except Exception as err:

@@ -21,6 +21,7 @@ from torch import nn
 from .checkpoint import LoadedModel, open_model, read_file
 from .errors import UsageError
 from .family import ModelFamily
+from .finite import describe_non_finite, non_finite_tensors
 from .plugins import App
 from .recipe import (
     Recipe,
@@ -76,6 +77,9 @@ class OpenedRecipe:
                 f"{self.path}: model.checkpoint: {source.checkpoint} is a {loaded.family.name} model, "
                 f"but model.family is {self.family.name}"
             )
+        if non_finite_tensors(loaded.model):
+            raise UsageError(f"{self.path}: model.checkpoint: {source.checkpoint} holds non-finite weights: "
+                             f"{describe_non_finite(loaded.model)}")
         return loaded.model
 
 

@@ -20,10 +20,20 @@ The general-purpose core (:func:`image_pr_counts`, :func:`average_precision`,
 :func:`voc_ap`) knows nothing about WIDER FACE, so the same code also gives a
 single AP on any other set of images with optional ``ignore`` flags.
 :func:`evaluate_widerface` only adapts the WIDER FACE files to that core.
+
+Files that cannot be evaluated as they are raise :class:`WiderFaceInputError`
+(a ValueError) with one line naming the file (and line) and what is wrong:
+prediction folders not in the ``<event>/<image>.txt`` layout or holding no
+prediction at all, lines that are not five finite numbers or have a negative
+width or height, files that are not UTF-8 text, prediction files for images
+or events the ground truth does not know, ``.mat`` files that are not
+readable MATLAB files or lack the WIDER FACE variables or their structure.
+A missing ground-truth file is a FileNotFoundError.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -37,7 +47,9 @@ __all__ = [
     "WIDER_BOX_OFFSET",
     "WIDER_SETTINGS",
     "WiderFaceGroundTruth",
+    "WiderFaceInputError",
     "average_precision",
+    "check_predictions_known",
     "evaluate_widerface",
     "evaluate_widerface_predictions",
     "image_pr_counts",
@@ -62,6 +74,11 @@ WIDER_BOX_OFFSET = 1.0
 
 _GT_FILE = "wider_face_val.mat"
 _SETTING_FILE = "wider_{}_val.mat"
+_LAYOUT = "<event>/<image>.txt"
+
+
+class WiderFaceInputError(ValueError):
+    """Prediction or ground-truth files that cannot be evaluated; the message names the file."""
 
 
 # --------------------------------------------------------------------------
@@ -316,27 +333,45 @@ def read_prediction_file(path: str | Path) -> tuple[str, np.ndarray]:
     silently skipped box would change the AP without anyone noticing.
     """
     path = Path(path)
-    lines = path.read_text().splitlines()
+    lines = _read_text_lines(path)
     while lines and not lines[-1].strip():  # trailing blank lines are harmless
         lines.pop()
     if len(lines) < 2:
-        raise ValueError(f"{path}: line {len(lines) + 1}: expected image name and box count")
+        raise WiderFaceInputError(f"{path}: line {len(lines) + 1}: expected image name and box count")
 
     name = _image_name(lines[0])
     if name != path.stem:
-        raise ValueError(f"{path}: line 1: image name {lines[0].strip()!r} does not match the file name")
+        raise WiderFaceInputError(f"{path}: line 1: image name {lines[0].strip()!r} does not match the file name")
     try:
         count = int(lines[1].strip())
     except ValueError:
-        raise ValueError(f"{path}: line 2: box count {lines[1].strip()!r} is not an integer") from None
+        raise WiderFaceInputError(f"{path}: line 2: box count {lines[1].strip()!r} is not an integer") from None
     box_lines = lines[2:]
     if count != len(box_lines):
-        raise ValueError(f"{path}: line 2: box count {count} but {len(box_lines)} box lines follow")
+        raise WiderFaceInputError(f"{path}: line 2: box count {count} but {len(box_lines)} box lines follow")
 
     boxes = np.empty((count, 5), dtype=np.float64)
     for i, line in enumerate(box_lines):
         boxes[i] = _parse_box(line, path, lineno=i + 3)
     return name, boxes
+
+
+def _read_text_lines(path: Path) -> list[str]:
+    """Lines of a UTF-8 text file; WiderFaceInputError naming the file and line otherwise."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise WiderFaceInputError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+            "is this a binary file?"
+        ) from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise WiderFaceInputError(f"{path}: line {line}: NUL byte; this is a binary file, not a prediction file")
+    # Lines end at "\n" only (and "\r\n"), so line numbers are the ones editors show.
+    return text.replace("\r\n", "\n").split("\n")
 
 
 def _image_name(line: str) -> str:
@@ -348,28 +383,70 @@ def _image_name(line: str) -> str:
 def _parse_box(line: str, path: Path, lineno: int) -> list[float]:
     fields = line.split()
     if len(fields) != 5:
-        raise ValueError(f"{path}: line {lineno}: expected 5 values 'x y w h score', got {len(fields)}")
+        raise WiderFaceInputError(f"{path}: line {lineno}: expected 5 values 'x y w h score', got {len(fields)}")
     try:
         values = [float(f) for f in fields]
     except ValueError:
-        raise ValueError(f"{path}: line {lineno}: non-numeric value in {line.strip()!r}") from None
+        raise WiderFaceInputError(f"{path}: line {lineno}: non-numeric value in {line.strip()!r}") from None
     if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{path}: line {lineno}: non-finite value in {line.strip()!r}")
+        raise WiderFaceInputError(f"{path}: line {lineno}: non-finite value in {line.strip()!r}")
+    if values[2] < 0 or values[3] < 0:
+        raise WiderFaceInputError(
+            f"{path}: line {lineno}: negative width or height (w={values[2]:g}, h={values[3]:g}) in {line.strip()!r}"
+        )
     return values
 
 
+def _visible(folder: Path) -> list[Path]:
+    # Hidden entries (.DS_Store, .ipynb_checkpoints, ...) are not predictions.
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def read_predictions(pred_dir: str | Path) -> dict[str, dict[str, np.ndarray]]:
-    """Read ``pred_dir/<event>/<image>.txt`` into ``{event: {image: (K, 5) x, y, w, h, score}}``."""
+    """Read ``pred_dir/<event>/<image>.txt`` into ``{event: {image: (K, 5) x, y, w, h, score}}``.
+
+    The layout is strict, because a file the reader does not look at would
+    silently count as "no detections": a ``.txt`` directly in ``pred_dir``
+    or a folder inside an event folder is refused, and so is a tree with no
+    prediction file at all.  Other files (and hidden ones) are ignored.
+    """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction directory not found: {pred_dir}")
+    top = _visible(pred_dir)
+    stray = [p for p in top if p.suffix == ".txt" and not p.is_dir()]
+    if stray:
+        more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+        raise WiderFaceInputError(
+            f"{stray[0]}: prediction file directly in {pred_dir}{more}; the layout is {_LAYOUT}, "
+            "one folder per event"
+        )
     predictions: dict[str, dict[str, np.ndarray]] = {}
-    for event_dir in sorted(p for p in pred_dir.iterdir() if p.is_dir()):
+    nested: list[Path] = []
+    for event_dir in (p for p in top if p.is_dir()):
         event: dict[str, np.ndarray] = {}
-        for txt in sorted(event_dir.glob("*.txt")):
-            name, boxes = read_prediction_file(txt)
-            event[name] = boxes
+        for entry in _visible(event_dir):
+            if entry.is_dir():
+                nested.append(entry)
+            elif entry.suffix == ".txt":
+                name, boxes = read_prediction_file(entry)
+                event[name] = boxes
         predictions[event_dir.name] = event
+    count = sum(len(images) for images in predictions.values())
+    if nested and count:
+        raise WiderFaceInputError(f"{nested[0]}: folder inside event folder {nested[0].parent.name}; "
+                                  f"the layout is {_LAYOUT}")
+    if nested:
+        raise WiderFaceInputError(
+            f"{pred_dir}: no prediction files at {_LAYOUT}, but folders one level deeper (e.g. {nested[0]}); "
+            f"is {nested[0].parent} the prediction folder?"
+        )
+    if not count:
+        others = sum(1 for p in top if not p.is_dir())
+        raise WiderFaceInputError(
+            f"{pred_dir}: no prediction files found (expected {_LAYOUT}; found {len(predictions)} folders "
+            f"without .txt files and {others} other files)"
+        )
     return predictions
 
 
@@ -399,47 +476,128 @@ class WiderFaceGroundTruth:
 
 
 def load_ground_truth(gt_dir: str | Path) -> WiderFaceGroundTruth:
-    """Load ``wider_face_val.mat`` and ``wider_{easy,medium,hard}_val.mat`` from ``gt_dir``."""
+    """Load ``wider_face_val.mat`` and ``wider_{easy,medium,hard}_val.mat`` from ``gt_dir``.
+
+    Every file is checked as it is read: a missing file is a
+    FileNotFoundError, an unreadable one, a missing variable, lists of
+    different lengths, boxes that are not N×4, face indices outside an
+    image's faces, or a ground truth without any face a WiderFaceInputError
+    naming the file and the variable.
+    """
     gt_dir = Path(gt_dir)
-    main = _load_mat(gt_dir / _GT_FILE)
-    events = [_mat_str(e) for e in main["event_list"].ravel()]
-    files = [[_mat_str(f) for f in fl.ravel()] for fl in main["file_list"].ravel()]
-    boxes = {
-        event: {
-            name: np.asarray(b, dtype=np.float64).reshape(-1, 4)
-            for name, b in zip(names, _cells(cell))
-        }
-        for event, names, cell in zip(events, files, main["face_bbx_list"].ravel())
-    }
+    main_path = gt_dir / _GT_FILE
+    main = _load_mat(main_path, ("event_list", "file_list", "face_bbx_list"))
+    events = [_mat_str(e, main_path, "event_list", i) for i, e in enumerate(_cells(main["event_list"], main_path, "event_list"))]
+    duplicates = sorted({e for e in events if events.count(e) > 1})
+    if duplicates:
+        raise WiderFaceInputError(f"{main_path}: event_list: event {duplicates[0]!r} is listed twice")
+    file_lists = _per_event(main, "file_list", events, main_path)
+    bbx_lists = _per_event(main, "face_bbx_list", events, main_path)
+    boxes: dict[str, dict[str, np.ndarray]] = {}
+    for event, file_cell, bbx_cell in zip(events, file_lists, bbx_lists):
+        names = [_mat_str(f, main_path, f"file_list of {event}", i)
+                 for i, f in enumerate(_cells(file_cell, main_path, f"file_list of {event}"))]
+        cells = _cells(bbx_cell, main_path, f"face_bbx_list of {event}", len(names))
+        boxes[event] = {name: _boxes(b, main_path, event, name) for name, b in zip(names, cells)}
+    if not any(b.shape[0] for images in boxes.values() for b in images.values()):
+        raise WiderFaceInputError(f"{main_path}: face_bbx_list holds no face at all")
     keep = {}
     for setting in WIDER_SETTINGS:
-        gt_list = _load_mat(gt_dir / _SETTING_FILE.format(setting))["gt_list"].ravel()
+        path = gt_dir / _SETTING_FILE.format(setting)
+        gt_list = _per_event(_load_mat(path, ("gt_list",)), "gt_list", events, path)
         keep[setting] = {
             event: {
-                # 1-based MATLAB indices; the arrays come as uint8/uint16.
-                name: np.asarray(k, dtype=np.int64).reshape(-1) - 1
-                for name, k in zip(names, _cells(cell))
+                name: _keep_indices(k, path, event, name, boxes[event][name].shape[0])
+                for name, k in zip(boxes[event], _cells(cell, path, f"gt_list of {event}", len(boxes[event])))
             }
-            for event, names, cell in zip(events, files, gt_list)
+            for event, cell in zip(events, gt_list)
         }
+        if not any(k.size for images in keep[setting].values() for k in images.values()):
+            raise WiderFaceInputError(f"{path}: gt_list keeps no face in the {setting} setting")
     return WiderFaceGroundTruth(boxes=boxes, keep=keep)
 
 
-def _load_mat(path: Path) -> dict:
+def _load_mat(path: Path, keys: tuple[str, ...]) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"WIDER FACE ground-truth file not found: {path}")
-    return scipy.io.loadmat(str(path))
+    try:
+        content = scipy.io.loadmat(str(path))
+    except NotImplementedError:  # scipy's answer to MATLAB v7.3 (HDF5) files
+        raise WiderFaceInputError(f"{path}: MATLAB v7.3 (HDF5) .mat files are not supported; save with -v7") from None
+    except Exception as err:  # noqa: BLE001 - scipy reports a corrupt file with many types (MatReadError, OSError,
+        # ValueError, IndexError, zlib.error, ...); each means the same thing here
+        reason = str(err).strip() or type(err).__name__
+        raise WiderFaceInputError(f"{path}: not a readable MATLAB .mat file ({reason})") from None
+    missing = [key for key in keys if key not in content]
+    if missing:
+        present = sorted(k for k in content if not k.startswith("__"))
+        has = f"it has {', '.join(present)}" if present else "it holds no variables"
+        raise WiderFaceInputError(f"{path}: no variable {missing[0]!r} ({has}); is this the WIDER FACE {path.name}?")
+    return content
 
 
-def _cells(cell: np.ndarray) -> list[np.ndarray]:
-    # A per-event MATLAB cell loads as an (N, 1) object array of per-image arrays.
-    return list(cell.ravel())
+def _cells(cell: object, path: Path, what: str, expected: int | None = None) -> list:
+    # A MATLAB cell loads as an (N, 1) object array of per-item arrays.
+    if not isinstance(cell, np.ndarray) or cell.dtype != object:
+        raise WiderFaceInputError(f"{path}: {what}: expected a cell array, got {_describe(cell)}")
+    items = list(cell.ravel())
+    if expected is not None and len(items) != expected:
+        raise WiderFaceInputError(f"{path}: {what}: {len(items)} entries for {expected} images")
+    return items
 
 
-def _mat_str(value: np.ndarray) -> str:
+def _per_event(content: dict, key: str, events: list[str], path: Path) -> list:
+    cells = _cells(content[key], path, key)
+    if len(cells) != len(events):
+        raise WiderFaceInputError(f"{path}: {key} has {len(cells)} events but event_list has {len(events)}")
+    return cells
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.dtype} with shape {value.shape}"
+    return type(value).__name__
+
+
+def _mat_str(value: object, path: Path, what: str, index: int) -> str:
     while isinstance(value, np.ndarray):
+        if value.size == 0:
+            raise WiderFaceInputError(f"{path}: {what}: entry {index + 1} is empty, expected a name")
         value = value.ravel()[0]
-    return str(value)
+    if not isinstance(value, str):
+        raise WiderFaceInputError(f"{path}: {what}: entry {index + 1} is {_describe(value)}, expected a name")
+    return str(value)  # numpy's str_ is a str subclass; keep names plain
+
+
+def _boxes(value: object, path: Path, event: str, image: str) -> np.ndarray:
+    try:
+        boxes = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        boxes = None
+    if boxes is None or boxes.size % 4 or (boxes.size and boxes.shape[-1] != 4):
+        raise WiderFaceInputError(
+            f"{path}: face_bbx_list of {event}/{image}: expected N×4 boxes, got {_describe(value)}"
+        )
+    boxes = boxes.reshape(-1, 4)
+    if not np.isfinite(boxes).all():
+        raise WiderFaceInputError(f"{path}: face_bbx_list of {event}/{image}: non-finite box values")
+    return boxes
+
+
+def _keep_indices(value: object, path: Path, event: str, image: str, faces: int) -> np.ndarray:
+    try:
+        indices = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise WiderFaceInputError(
+            f"{path}: gt_list of {event}/{image}: expected face indices, got {_describe(value)}"
+        ) from None
+    # 1-based MATLAB indices; the arrays come as uint8/uint16.
+    if indices.size and (not np.all(indices == np.round(indices)) or indices.min() < 1 or indices.max() > faces):
+        raise WiderFaceInputError(
+            f"{path}: gt_list of {event}/{image}: face indices must be whole numbers 1..{faces}, "
+            f"got {indices.min():g}..{indices.max():g}"
+        )
+    return indices.astype(np.int64) - 1
 
 
 def _widerface_images(
@@ -490,10 +648,52 @@ def evaluate_widerface_predictions(
     }
 
 
+def check_predictions_known(
+    predictions: Mapping[str, Mapping[str, np.ndarray]],
+    gt: WiderFaceGroundTruth,
+    pred_dir: str | Path,
+    gt_source: str | Path = _GT_FILE,
+) -> None:
+    """Refuse prediction files for events or images that the ground truth does not list.
+
+    The protocol would silently skip them, so a prediction set for another
+    split (or with renamed files) would score 0 without a word.
+    """
+    pred_dir = Path(pred_dir)
+    files = [(event, image) for event, images in predictions.items() for image in images]
+    unknown = [(e, i) for e, i in files if i not in gt.boxes.get(e, {})]
+    if not unknown:
+        return
+    event, image = unknown[0]
+    if len(unknown) == len(files):
+        where = (f"e.g. event folder {event!r} is not in it" if event not in gt.boxes
+                 else f"e.g. {event}/{image}.txt is not one of its images")
+        raise WiderFaceInputError(
+            f"{pred_dir}: none of the {len(files)} prediction files is for an image of the ground truth "
+            f"{gt_source} ({where})"
+        )
+    more = f"; {len(unknown) - 1} more prediction files are for unknown images" if len(unknown) > 1 else ""
+    if event not in gt.boxes:
+        close = difflib.get_close_matches(event, list(gt.boxes), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise WiderFaceInputError(
+            f"{pred_dir / event}: event folder {event!r} is not in the ground truth {gt_source}{hint}{more}"
+        )
+    raise WiderFaceInputError(
+        f"{pred_dir / event / (image + '.txt')}: image {image!r} is not in event {event!r} of the ground truth "
+        f"{gt_source}{more}"
+    )
+
+
 def evaluate_widerface(pred_dir: str | Path, gt_dir: str | Path, iou_threshold: float = 0.5) -> dict[str, float]:
     """Official WIDER FACE validation AP: ``{"easy": ..., "medium": ..., "hard": ...}``.
 
     ``pred_dir`` holds the event folders (e.g. ``.../pred0``); ``gt_dir`` the
-    four ``.mat`` files.
+    four ``.mat`` files.  Bad files raise WiderFaceInputError (see the module
+    docstring); prediction files for images the ground truth does not list are
+    refused (:func:`check_predictions_known`).
     """
-    return evaluate_widerface_predictions(read_predictions(pred_dir), load_ground_truth(gt_dir), iou_threshold)
+    predictions = read_predictions(pred_dir)
+    gt = load_ground_truth(gt_dir)
+    check_predictions_known(predictions, gt, pred_dir, Path(gt_dir) / _GT_FILE)
+    return evaluate_widerface_predictions(predictions, gt, iou_threshold)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .data import EvalTransform, FaceDataset, TrainTransform, collate, ensure_embedded_dataset
+from .data import DataError, EvalTransform, FaceDataset, TrainTransform, collate, ensure_embedded_dataset
 from .detect import detect
 from .evaluation import average_precision, format_prediction_file
 from .loss import DistillationLoss, MultiBoxLoss
@@ -41,11 +41,24 @@ def training_batches(
 
     Every rank draws the same permutation and takes its own stride of it, so
     ranks see disjoint images without a sampler object to keep in sync.
+
+    Not a generator itself: the data is opened and checked when this is
+    called (a bad root, label file or images, or fewer usable images than one
+    batch per process, raise :class:`~featherface.data.DataError` here), and
+    the returned iterator only yields.
     """
+    if batch_size <= 0:
+        raise DataError(f"batch_size {batch_size}: must be a positive number of images")
     generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
-    dataset = FaceDataset(resolve_root(root), "train", TrainTransform(size, generator=generator))
-    if len(dataset) < batch_size * world_size:
-        raise ValueError(f"{dataset.root}: {len(dataset)} training images are fewer than one batch on every process")
+    processes = f" on each of {world_size} processes" if world_size > 1 else ""
+    dataset = FaceDataset(resolve_root(root), "train", TrainTransform(size, generator=generator),
+                          min_images=batch_size * world_size,
+                          needed_for=f"one batch of batch_size {batch_size}{processes}")
+    return _endless_batches(dataset, batch_size, seed, rank, world_size, device)
+
+
+def _endless_batches(dataset: FaceDataset, batch_size: int, seed: int, rank: int, world_size: int,
+                     device: torch.device | str) -> Iterator[Batch]:
     epoch = 0
     while True:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
@@ -85,6 +98,10 @@ def evaluate_ap(model: nn.Module, root: Path | None, size: int, device: torch.de
     (``<folder>/<image>.txt``, boxes in original image pixels).
     """
     dataset = FaceDataset(resolve_root(root), "val", EvalTransform(size))
+    split = dataset.root / dataset.split
+    if not any(len(sample.boxes) for sample in dataset.samples):
+        raise DataError(f"{split}: none of the {len(dataset)} usable images has a face annotation "
+                        "(AP needs val/label.txt with faces)")
     records = []
     for start in range(0, len(dataset), batch_size):
         indices = range(start, min(start + batch_size, len(dataset)))
@@ -100,4 +117,6 @@ def evaluate_ap(model: nn.Module, root: Path | None, size: int, device: torch.de
                 path = Path(predictions_dir) / image.parent / f"{image.stem}.txt"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(format_prediction_file(image.name, boxes, scores))
+    if not any(len(record[2]) for record in records):
+        raise DataError(f"{split}: every annotated face lies outside its image; AP is undefined")
     return {"ap": float(average_precision(records)), "val_images": float(len(records))}

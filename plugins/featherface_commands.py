@@ -36,7 +36,7 @@ def eval_widerface(pred_dir: Path, gt_dir: Path, as_json: bool) -> None:
 
     try:
         result = evaluate_widerface(pred_dir, gt_dir)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # WiderFaceInputError, a missing .mat, an unreadable file
         raise UsageError(str(err)) from err
     if as_json:
         click.echo(json.dumps(result))
@@ -63,6 +63,7 @@ def eval_model(model: str, data_root: Path | None, input_size: str | None, pred_
     Images are resized to a square: the input size is one side (default: the
     model's recipe's, else the family's).
     """
+    from featherface.data import DataError
     from featherface.training import evaluate_ap
 
     loaded = open_model(model, registry_from(click.get_current_context(), plugins))
@@ -70,7 +71,12 @@ def eval_model(model: str, data_root: Path | None, input_size: str | None, pred_
     if height != width:
         raise UsageError(f"--input-size {height}x{width}: evaluation resizes images to squares; give one side, e.g. 320")
     where = resolve_device(device)
-    metrics = evaluate_ap(loaded.model.to(where), data_root, height, where, predictions_dir=pred_dir)
+    try:
+        metrics = evaluate_ap(loaded.model.to(where), data_root, height, where, predictions_dir=pred_dir)
+    except DataError as err:  # the root, a label file, the images
+        raise UsageError(str(err)) from err
+    except OSError as err:  # writing --save-predictions
+        raise UsageError(f"--save-predictions {pred_dir}: {err}") from err
     click.echo(json.dumps(metrics) if as_json else f"AP {metrics['ap']:.4f} on {int(metrics['val_images'])} images")
 
 
@@ -80,32 +86,43 @@ def eval_model(model: str, data_root: Path | None, input_size: str | None, pred_
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The annotated PNG it writes.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Score threshold.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Refuse larger images (after padding to multiples of 32), checked from the header before "
+                   "decoding. Default: $COMPRESSOR_MAX_PIXELS, else 40,000,000.")
 @device_option
 @plugin_option
 @json_option
 @handle_errors
-def detect_command(model: str, image: Path, out_path: Path, threshold: float, device: str,
+def detect_command(model: str, image: Path, out_path: Path, threshold: float, max_pixels: int | None, device: str,
                    plugins: tuple[str, ...], as_json: bool) -> None:
-    """Detect faces in one image; draw boxes, scores and landmarks into a PNG."""
-    from torchvision.io import ImageReadMode, decode_image, encode_png
+    """Detect faces in one image; draw boxes, scores and landmarks into a PNG.
+
+    Any common format (JPEG, PNG 8/16-bit, grayscale, RGBA, palette, BMP,
+    WebP, ...) is read as 8-bit RGB.
+    """
+    from torchvision.io import encode_png
     from torchvision.utils import draw_bounding_boxes, draw_keypoints
 
+    from featherface.data.images import MAX_PIXELS_ENV, ImageError, read_image
     from featherface.detect import detect
     from featherface.preprocess import pad_to_multiple, to_network_input
 
-    loaded = open_model(model, registry_from(click.get_current_context(), plugins))
     where = resolve_device(device)
     try:
-        picture = decode_image(str(image), mode=ImageReadMode.RGB)
-    except RuntimeError as err:
-        raise UsageError(f"{image}: cannot decode the image ({err})") from err
+        # The network sees the image padded to multiples of 32: that is what the limit bounds.
+        picture = read_image(image, max_pixels, multiple=32,
+                             hint=f"--max-pixels or {MAX_PIXELS_ENV} raise it")
+    except ImageError as err:
+        raise UsageError(str(err)) from err
+    loaded = open_model(model, registry_from(click.get_current_context(), plugins))
     height, width = picture.shape[-2:]
     found = detect(loaded.model.to(where), pad_to_multiple(to_network_input(picture)).to(where),
                    conf_threshold=threshold, image_sizes=[(height, width)])[0]
     boxes, scores, landmarks = found.boxes.cpu(), found.scores.cpu(), found.landmarks.cpu()
     labels = [f"{s:.2f}" for s in scores.tolist()]
-    drawn = draw_bounding_boxes(picture, boxes, labels=labels, colors="lime", width=2)
+    drawn = picture  # no face: the picture as it is (torchvision would warn on stderr about empty boxes)
     if len(boxes):
+        drawn = draw_bounding_boxes(picture, boxes, labels=labels, colors="lime", width=2)
         drawn = draw_keypoints(drawn, landmarks.view(-1, 5, 2), colors="red", radius=2)
     png = encode_png(drawn).numpy().tobytes()
     atomic_write_bytes(out_path, lambda handle: handle.write(png))

@@ -104,8 +104,23 @@ class FeatherFaceFamily(ModelFamily):
 
     def training_batches(self, data_root: Path | None, input_size: tuple[int, int], batch_size: int, seed: int,
                          rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> Iterator:
-        return training.training_batches(data_root, _square(input_size), batch_size, seed, rank, world_size,
-                                         device or "cpu")
+        """The data is opened and checked here, eagerly; bad data is a UsageError, now or at any ``next()``."""
+        from featherface.data import DataError
+
+        try:
+            batches = training.training_batches(data_root, _square(input_size), batch_size, seed, rank, world_size,
+                                                device or "cpu")
+        except DataError as err:  # the root, a label file, the images, a batch larger than the data
+            raise UsageError(str(err)) from err
+
+        def checked() -> Iterator:
+            # An image that breaks later (deleted, rewritten) must not become a traceback mid-run either.
+            try:
+                yield from batches
+            except DataError as err:
+                raise UsageError(str(err)) from err
+
+        return checked()
 
     def task_loss(self, outputs: Any, targets: Any, input_size: tuple[int, int]) -> dict[str, Tensor]:
         return training.task_loss(outputs, targets, input_size)
@@ -115,7 +130,12 @@ class FeatherFaceFamily(ModelFamily):
 
     def evaluate(self, model: nn.Module, data_root: Path | None, input_size: tuple[int, int],
                  device: torch.device | None = None) -> dict[str, float]:
-        metrics = training.evaluate_ap(model, data_root, _square(input_size), device or "cpu")
+        from featherface.data import DataError
+
+        try:
+            metrics = training.evaluate_ap(model, data_root, _square(input_size), device or "cpu")
+        except DataError as err:  # the root, a label file, the images, a split without faces
+            raise UsageError(str(err)) from err
         return {"ap": metrics["ap"]}
 
 

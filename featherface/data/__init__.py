@@ -1,7 +1,19 @@
-"""Data layer: WIDER-style labels, the face Dataset, augmentation, and the
-embedded dataset generated offline from scikit-image's bundled images."""
+"""Data layer: WIDER-style labels, the face Dataset, augmentation, image reading
+(``images.read_image``: every common format to 8-bit RGB, a pixel limit checked
+from the header), and the embedded dataset generated offline from
+scikit-image's bundled images.  Bad data raises ``DataError`` (a ValueError)
+with one line naming the root, file and line."""
 
 from featherface.data.collate import collate
+from featherface.data.errors import DataError, NoUsableImagesError
+from featherface.data.images import (
+    DEFAULT_MAX_PIXELS,
+    MAX_PIXELS_ENV,
+    ImageError,
+    image_size,
+    max_pixels_limit,
+    read_image,
+)
 from featherface.data.synthetic import (
     default_data_root,
     ensure_embedded_dataset,
@@ -19,8 +31,13 @@ from featherface.data.transforms import (
 from featherface.data.widerface import FaceDataset, Sample, read_image_list, read_label_file
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "MAX_PIXELS_ENV",
+    "DataError",
     "EvalTransform",
     "FaceDataset",
+    "ImageError",
+    "NoUsableImagesError",
     "Photometric",
     "Sample",
     "TrainTransform",
@@ -29,8 +46,11 @@ __all__ = [
     "ensure_embedded_dataset",
     "generate_embedded_dataset",
     "horizontal_flip",
+    "image_size",
+    "max_pixels_limit",
     "plan_layouts",
     "random_square_crop",
+    "read_image",
     "read_image_list",
     "read_label_file",
     "save_sample_grid",

@@ -21,6 +21,13 @@ horizontally, so its corners are (x, y, x+w, y+h).
 Boxes that stick out of the image are handled when the image is decoded
 (its size is unknown before): they are clipped to the image, and a box left
 with no area (entirely outside) is dropped with a logged warning.
+
+Bad data raises :class:`~featherface.data.errors.DataError` with one line
+naming the root, file and line: a missing split or label file, a label file
+that is not UTF-8 text or holds no image or no usable face, a split where not
+one image decodes.  Images are read by :func:`featherface.data.images.read_image`
+(every common format, 8-bit RGB, the pixel limit checked from the header);
+one that cannot be used is skipped, logged and counted in ``skipped``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
+
+from .errors import DataError, NoUsableImagesError
+from .images import ImageError, max_pixels_limit, read_image
 
 __all__ = [
     "NUM_LANDMARKS",
@@ -163,22 +172,59 @@ def _parse_lines(lines: Iterable[str], name: str) -> tuple[list[Sample], list[st
     return samples, warnings
 
 
+def _read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; DataError naming the file (and line) for anything else."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a text file") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+            "is this a binary file?"
+        ) from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise DataError(f"{path}: line {line}: NUL byte; this is a binary file, not text")
+    # Lines end at "\n" only (and "\r\n"), so line numbers are the ones editors show.
+    return text.replace("\r\n", "\n").split("\n")
+
+
 def read_label_file(path: str | Path) -> tuple[list[Sample], list[str]]:
     """Parse a RetinaFace-style label.txt.
 
     Returns the samples (images with no usable face are kept, with empty
     targets: they are valid negatives) and one warning per skipped line,
-    formatted ``label.txt:LINE: reason``. Raises ValueError when the file
-    holds no image or not a single usable face.
+    formatted ``label.txt:LINE: reason``. Raises DataError (a ValueError)
+    when the file cannot be read as UTF-8 text, or holds no image or not a
+    single usable face.
     """
     path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        samples, warnings = _parse_lines(handle, path.name)
+    lines = _read_text_lines(path)
+    samples, warnings = _parse_lines(lines, path.name)
+    if not any(line.strip() for line in lines):
+        raise DataError(f"{path}: empty file: no '# image' entries")
     if not samples:
-        raise ValueError(f"{path}: no '# image' entries found (empty or not a label file)")
+        raise DataError(f"{path}: no '# image' entries found (not a label file?); {_first_problem(warnings)}")
     if sum(len(s.boxes) for s in samples) == 0:
-        raise ValueError(f"{path}: {len(samples)} images but no usable face annotation")
+        detail = f"; {_first_problem(warnings)}" if warnings else ""
+        raise DataError(f"{path}: {len(samples)} images but no usable face annotation{detail}")
     return samples, warnings
+
+
+def _first_problem(warnings: list[str]) -> str:
+    """'line N: reason' of the first ``name:N: reason`` warning (reasons hold no colon)."""
+    _, number, reason = warnings[0].rsplit(":", 2)
+    reason = reason.strip().removesuffix("; line skipped")
+    more = f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""
+    return f"line {number}: {reason}{more}"
 
 
 def read_image_list(path: str | Path) -> list[str]:
@@ -188,11 +234,10 @@ def read_image_list(path: str | Path) -> list[str]:
     `Path(root) / line` absolute, so it is stripped.
     """
     path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        names = [line.strip().lstrip("/") for line in handle]
+    names = [line.strip().lstrip("/") for line in _read_text_lines(path)]
     names = [n for n in names if n]
     if not names:
-        raise ValueError(f"{path}: no image paths found")
+        raise DataError(f"{path}: no image paths found")
     return names
 
 
@@ -244,28 +289,38 @@ def clip_target_to_image(target: Target, height: int, width: int) -> tuple[Targe
     return clipped, int((~keep).sum())
 
 
-def _try_decode(path: Path) -> torch.Tensor | None:
+def _decode(path: Path, max_pixels: int) -> torch.Tensor:
+    # The transforms pad every image to a square of its longer side, so the
+    # limit applies to that square: it is what gets allocated.
+    return read_image(path, max_pixels, square=True)
+
+
+def _try_decode(path: Path, max_pixels: int) -> torch.Tensor | None:
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError) as error:
-        logger.warning("skipping %s: cannot decode image (%s)", path, error)
+        return _decode(path, max_pixels)
+    except ImageError as error:
+        logger.warning("skipping %s", error)
         return None
 
 
-def _load_split_samples(split_dir: Path) -> list[Sample]:
+def _load_split_samples(split_dir: Path) -> tuple[list[Sample], list[str]]:
+    """The split's samples and the warnings to log about them (skipped lines, missing labels)."""
+    root = split_dir.parent
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root not found" if not root.exists() else f"{root}: dataset root is not a folder")
+    if not split_dir.is_dir():
+        raise DataError(f"{root}: no {split_dir.name}/ folder (expected {split_dir.name}/label.txt and "
+                        f"{split_dir.name}/images/)")
     labels = split_dir / "label.txt"
-    if labels.is_file():
-        samples, warnings = read_label_file(labels)
-        for warning in warnings:
-            logger.warning("%s", warning)
-        return samples
+    if labels.exists():
+        return read_label_file(labels)
     image_list = split_dir / "wider_val.txt"
-    if image_list.is_file():
+    if image_list.exists():
         # The public val split ships no ground truth here; images still load
         # (for inference/export) with empty targets.
-        logger.warning("%s missing; loading %s without ground truth", labels, image_list)
-        return [_make_sample(name, []) for name in read_image_list(image_list)]
-    raise FileNotFoundError(f"{split_dir}: neither label.txt nor wider_val.txt found")
+        samples = [_make_sample(name, []) for name in read_image_list(image_list)]
+        return samples, [f"{labels} missing; loading {image_list} without ground truth"]
+    raise DataError(f"{split_dir}: neither label.txt nor wider_val.txt found")
 
 
 class FaceDataset(Dataset):
@@ -277,10 +332,19 @@ class FaceDataset(Dataset):
 
     With ``verify=True`` every image is decoded once up front, so unreadable
     ones are skipped before training starts and ``len()`` is honest; they are
-    logged and listed in ``skipped``. With ``verify=False`` (faster start on
-    large sets) an unreadable image is discovered in ``__getitem__``, logged,
-    added to ``skipped`` and replaced by the next readable one. Note that with
-    DataLoader workers, ``skipped`` is updated in the workers' copies only.
+    logged and listed in ``skipped``; when none is left, NoUsableImagesError
+    (a DataError) names the split and the first reason, and nothing is logged.
+    With ``verify=False`` (faster start on large sets) an unreadable image is
+    discovered in ``__getitem__``, logged, added to ``skipped`` and replaced by
+    the next readable one. Note that with DataLoader workers, ``skipped`` is
+    updated in the workers' copies only.
+
+    ``max_pixels`` is the pixel limit of :func:`featherface.data.images.read_image`
+    (default: ``$COMPRESSOR_MAX_PIXELS`` or 40 megapixels), applied to the
+    square each image is padded to; larger images are skipped like unreadable ones.
+
+    ``min_images`` usable images are required (``needed_for`` says why, in
+    the message); fewer raise DataError before anything is logged.
     """
 
     def __init__(
@@ -289,6 +353,9 @@ class FaceDataset(Dataset):
         split: str = "train",
         transform: Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]] | None = None,
         verify: bool = True,
+        max_pixels: int | None = None,
+        min_images: int = 1,
+        needed_for: str = "",
     ) -> None:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -296,28 +363,62 @@ class FaceDataset(Dataset):
         self.split = split
         self.transform = transform
         self.image_dir = self.root / split / "images"
+        self.max_pixels = max_pixels_limit(max_pixels)
+        self.min_images = max(min_images, 1)
+        self.needed_for = needed_for
         self.skipped: list[Path] = []
         self._warned_clipping: set[int] = set()
-        samples = _load_split_samples(self.root / split)
-        self.samples = self._verified(samples) if verify else samples
-        if not self.samples:
-            raise RuntimeError(
-                f"{self.root / split}: none of {len(samples)} listed images could be decoded"
+        samples, warnings = _load_split_samples(self.root / split)
+        if not self.image_dir.is_dir():
+            raise NoUsableImagesError(
+                f"{self.image_dir}: folder not found ({len(samples)} images listed in {self.root / split})"
             )
+        # Warnings are logged only once the split is known to be usable, so a
+        # refused split is one line, not a screen of warnings and then the error.
+        self.samples = self._verified(samples, warnings) if verify else samples
+        if not verify:
+            self._check_enough(len(samples))
+            for warning in warnings:
+                logger.warning("%s", warning)
 
-    def _verified(self, samples: list[Sample]) -> list[Sample]:
+    def _verified(self, samples: list[Sample], warnings: list[str]) -> list[Sample]:
         readable = []
+        problems: list[str] = []
         for sample in samples:
-            if _try_decode(self.image_dir / sample.image) is None:
-                self.skipped.append(self.image_dir / sample.image)
+            path = self.image_dir / sample.image
+            try:
+                _decode(path, self.max_pixels)
+            except ImageError as error:
+                self.skipped.append(path)
+                problems.append(str(error))
             else:
                 readable.append(sample)
+        if not readable:
+            listed = "label.txt" if (self.root / self.split / "label.txt").exists() else "wider_val.txt"
+            raise NoUsableImagesError(
+                f"{self.root / self.split}: none of the {len(samples)} images listed in {listed} could be "
+                f"decoded; first: {problems[0]}"
+            )
+        self._check_enough(len(readable))
+        for warning in warnings:
+            logger.warning("%s", warning)
+        for problem in problems:
+            logger.warning("skipping %s", problem)
         if self.skipped:
             logger.warning(
                 "%s: skipped %d of %d images that could not be decoded",
                 self.root / self.split, len(self.skipped), len(samples),
             )
         return readable
+
+    def _check_enough(self, usable: int) -> None:
+        if usable >= self.min_images:
+            return
+        skipped = f" ({len(self.skipped)} more could not be decoded)" if self.skipped else ""
+        raise DataError(
+            f"{self.root / self.split}: {usable} usable images{skipped}, fewer than {self.min_images}"
+            + (f": {self.needed_for}" if self.needed_for else "")
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -328,11 +429,12 @@ class FaceDataset(Dataset):
             path = self.image_dir / self.samples[candidate].image
             if path in self.skipped:
                 continue
-            image = _try_decode(path)
+            image = _try_decode(path, self.max_pixels)
             if image is not None:
                 return candidate, image
             self.skipped.append(path)
-        raise RuntimeError(f"{self.root / self.split}: no image could be decoded")
+        raise NoUsableImagesError(f"{self.root / self.split}: no image could be decoded "
+                                  f"({len(self.skipped)} skipped, last: {self.skipped[-1]})")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         # IndexError ends plain `for item in dataset` iteration; without it
