@@ -26,8 +26,10 @@ class RunFolder:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._handle: int | None = None
+        self._created = False
 
     def __enter__(self) -> RunFolder:
+        self._created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             handle = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -49,9 +51,13 @@ class RunFolder:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         if self._handle is not None:
+            # Unlink before unlocking: a process that opens the name afterwards gets a fresh lock file.
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             os.close(self._handle)
             self._handle = None
+            if self._created and not any(self.path.iterdir()):
+                self.path.rmdir()  # a command that failed before writing anything leaves nothing behind
 
     def inside(self, *parts: str) -> Path:
         """``path / parts``, refused if it would resolve outside the folder."""

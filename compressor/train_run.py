@@ -2,20 +2,25 @@
 
 Long jobs are the point: a checkpoint (weights, spec, optimizer, step, losses)
 is written atomically every ``train.checkpoint_every`` steps, and ``--resume``
-continues from it with the same data order and learning-rate schedule.
+continues from it with the same data order and learning-rate schedule, ending
+bit-identical to an uninterrupted training wherever the first one was killed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .atomic import atomic_write_json
-from .checkpoint import FINAL_NAME, open_model, save_checkpoint
+from .checkpoint import FINAL_NAME, open_model, read_file, save_checkpoint
 from .errors import UsageError
 from .progress import Progress
-from .runner import seed_everything
+from .runfolder import RunFolder
+from .runner import first_difference, seed_everything
 from .session import OpenedRecipe
 from .train import TrainState, distributed, init_distributed, is_main_process, train
 
@@ -31,32 +36,63 @@ class TrainOptions:
 
 
 def train_recipe(opened: OpenedRecipe, options: TrainOptions) -> dict:
+    """Train (or resume, or find finished) the training in ``opened.out_dir``; returns its report.
+
+    What is on disk after a kill at any moment, and what ``--resume`` does with it:
+    no last.pt (killed before the first checkpoint): nothing to resume, start again;
+    last.pt at step k < steps: continue from step k (the data iterator skips k
+    batches); last.pt at the last step (killed before or during the BatchNorm
+    recalibration, the evaluation or the writes): recalibrate, evaluate and write,
+    as the uninterrupted run did; final.pt (written last): the training is complete
+    and nothing is changed.  Every path ends with the same final.pt weights.
+    """
+    init_distributed(opened.device)
+    if options.resume and not (opened.out_dir / LAST_NAME).is_file():  # before the lock creates the folder
+        raise _nothing_to_resume(opened.out_dir)
+    # The folder is locked for the whole training (by rank 0 under torchrun, the one that writes),
+    # and the temporaries of a write a kill interrupted are removed.
+    with RunFolder(opened.out_dir) if is_main_process() else contextlib.nullcontext():
+        return _train(opened, options)
+
+
+def _nothing_to_resume(out_dir: Path) -> UsageError:
+    return UsageError(f"{out_dir}: no training to resume (no {LAST_NAME}); start it without --resume")
+
+
+def _train(opened: OpenedRecipe, options: TrainOptions) -> dict:
     recipe, family, device, out_dir = opened.recipe, opened.family, opened.device, opened.out_dir
-    init_distributed(device)
     progress = Progress(options.quiet or not is_main_process())
     record = recipe.model_dump(mode="json")
-    last = out_dir / LAST_NAME
+    last, final = out_dir / LAST_NAME, out_dir / FINAL_NAME
+    rank, world = distributed()
+    mode = {"device": device.type, "world_size": world, "evaluate": options.evaluate}
 
     seed_everything(recipe.seed)
     state = TrainState()
-    if last.is_file() and not options.resume:
-        raise UsageError(f"{out_dir}: already holds a training run; use --resume to continue it, or --out")
-    if options.resume and last.is_file():
+    if not options.resume:
+        if last.is_file():
+            raise UsageError(f"{out_dir}: already holds a training run; use --resume to continue it, or --out")
+        if final.is_file():
+            raise UsageError(f"{out_dir}: already holds a {FINAL_NAME}; train into another folder with --out")
+        model = opened.starting_model()
+    else:
+        if not last.is_file():
+            raise _nothing_to_resume(out_dir)
         loaded = open_model(last, opened.app.registry)
-        if loaded.checkpoint.get("recipe") != record:
-            raise UsageError(f"{out_dir}: the recipe differs from the one this training started with")
+        saved = _train_state(last, loaded.checkpoint)
+        _check_same_training(out_dir, loaded.checkpoint.get("recipe"), record, saved.get("mode"), mode)
+        if final.is_file():
+            return _finished(out_dir, final, record, recipe.train.steps, progress)
         model = loaded.model
-        saved = loaded.checkpoint["train_state"]
         state = TrainState(step=saved["step"], optimizer=saved["optimizer"], losses=list(saved["losses"]))
         progress.echo(f"resuming {out_dir} at step {state.step}/{recipe.train.steps}")
-    else:
-        model = opened.starting_model()
+    first_step = state.step
 
     def save(model: torch.nn.Module, state: TrainState) -> None:
         save_checkpoint(last, model, family, recipe=record,
-                        extra={"train_state": {"step": state.step, "optimizer": state.optimizer, "losses": state.losses}})
+                        extra={"train_state": {"step": state.step, "optimizer": state.optimizer,
+                                               "losses": state.losses, "mode": mode}})
 
-    rank, world = distributed()
     # Skip the batches already consumed so a resumed run sees the same data order.
     batches = family.training_batches(recipe.data.root, recipe.input_size, recipe.train.batch_size,
                                       recipe.seed, rank, world, device)
@@ -66,15 +102,56 @@ def train_recipe(opened: OpenedRecipe, options: TrainOptions) -> dict:
                    state=state, on_checkpoint=save, where="training")
     report = {"recipe": record, "steps": state.step, "result": result.to_dict(),
               "loss_curve": _curve(state.losses)}
+    if first_step:
+        report["resumed_at_step"] = first_step
     if is_main_process():
         if options.evaluate:
             progress.echo("evaluating on the validation split ...")
             report["metrics"] = family.evaluate(model, recipe.data.root, recipe.input_size, device)
-        save_checkpoint(out_dir / FINAL_NAME, model, family, recipe=record,
-                        extra={"metrics": report.get("metrics", {}), "steps": state.step})
+        # final.pt last: its presence means the training is complete, report included.
         atomic_write_json(out_dir / REPORT_NAME, report)
-        progress.echo(f"done: {state.step} steps, metrics {report.get('metrics', {})} -> {out_dir / FINAL_NAME}")
+        save_checkpoint(final, model, family, recipe=record,
+                        extra={"metrics": report.get("metrics", {}), "steps": state.step})
+        progress.echo(f"done: {state.step} steps, metrics {report.get('metrics', {})} -> {final}")
     return report
+
+
+def _train_state(path: Path, checkpoint: dict) -> dict:
+    saved = checkpoint.get("train_state")
+    if not (isinstance(saved, dict) and isinstance(saved.get("step"), int) and isinstance(saved.get("losses"), list)
+            and "optimizer" in saved):
+        raise UsageError(f"{path}: not a resumable training checkpoint (no train_state); "
+                         "start a new training with --out")
+    return saved
+
+
+def _check_same_training(out_dir: Path, stored_recipe: object, recipe: dict, stored_mode: object, mode: dict) -> None:
+    """--resume continues only the same computation: the same recipe, device, processes and evaluation."""
+    changed = first_difference(stored_recipe, recipe)
+    if changed is not None:
+        raise UsageError(f"{out_dir}: the recipe differs from the one this training started with ({changed}); "
+                         "start a new training with --out")
+    if isinstance(stored_mode, dict):  # checkpoints written before the mode was stored have none
+        differences = [f"{key}: {stored_mode[key]} -> {mode[key]}" for key in mode
+                       if key in stored_mode and stored_mode[key] != mode[key]]
+        if differences:
+            raise UsageError(f"{out_dir}: this training started in another mode ({'; '.join(differences)}); "
+                             "resume it with the same options, or start a new training with --out")
+
+
+def _finished(out_dir: Path, final: Path, record: dict, steps: int, progress: Progress) -> dict:
+    """A complete training: say so, change nothing, return its report."""
+    content = read_file(final)
+    if not isinstance(content, dict) or first_difference(content.get("recipe"), record) is not None:
+        raise UsageError(f"{final}: not the final model of this training (its recipe differs); "
+                         "start a new training with --out")
+    progress.echo(f"{out_dir}: training already complete ({content.get('steps', steps)}/{steps} steps, "
+                  f"{final.name} written); nothing to do")
+    path = out_dir / REPORT_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"recipe": record, "steps": content.get("steps", steps), "metrics": content.get("metrics", {})}
 
 
 def _curve(losses: list[float], points: int = 50) -> list[list[float]]:
