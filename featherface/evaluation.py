@@ -42,6 +42,9 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from .data.errors import DataError
+from .data.widerface import read_text_lines
+
 __all__ = [
     "NUM_THRESHOLDS",
     "WIDER_BOX_OFFSET",
@@ -77,7 +80,7 @@ _SETTING_FILE = "wider_{}_val.mat"
 _LAYOUT = "<event>/<image>.txt"
 
 
-class WiderFaceInputError(ValueError):
+class WiderFaceInputError(DataError):
     """Prediction or ground-truth files that cannot be evaluated; the message names the file."""
 
 
@@ -333,7 +336,7 @@ def read_prediction_file(path: str | Path) -> tuple[str, np.ndarray]:
     silently skipped box would change the AP without anyone noticing.
     """
     path = Path(path)
-    lines = _read_text_lines(path)
+    lines = read_text_lines(path, WiderFaceInputError)
     while lines and not lines[-1].strip():  # trailing blank lines are harmless
         lines.pop()
     if len(lines) < 2:
@@ -354,24 +357,6 @@ def read_prediction_file(path: str | Path) -> tuple[str, np.ndarray]:
     for i, line in enumerate(box_lines):
         boxes[i] = _parse_box(line, path, lineno=i + 3)
     return name, boxes
-
-
-def _read_text_lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 text file; WiderFaceInputError naming the file and line otherwise."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise WiderFaceInputError(
-            f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
-            "is this a binary file?"
-        ) from None
-    if "\x00" in text:
-        line = text.count("\n", 0, text.index("\x00")) + 1
-        raise WiderFaceInputError(f"{path}: line {line}: NUL byte; this is a binary file, not a prediction file")
-    # Lines end at "\n" only (and "\r\n"), so line numbers are the ones editors show.
-    return text.replace("\r\n", "\n").split("\n")
 
 
 def _image_name(line: str) -> str:

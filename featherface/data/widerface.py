@@ -172,27 +172,27 @@ def _parse_lines(lines: Iterable[str], name: str) -> tuple[list[Sample], list[st
     return samples, warnings
 
 
-def _read_text_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file; DataError naming the file (and line) for anything else."""
+def read_text_lines(path: Path, error: type[DataError] = DataError) -> list[str]:
+    """The lines of a UTF-8 text file; ``error`` naming the file (and line) for anything else."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
+        raise error(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not a text file") from None
+        raise error(f"{path}: is a folder, not a text file") from None
     except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+        raise error(f"{path}: cannot read ({err.strerror or err})") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise DataError(
+        raise error(
             f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
             "is this a binary file?"
         ) from None
     if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1
-        raise DataError(f"{path}: line {line}: NUL byte; this is a binary file, not text")
+        raise error(f"{path}: line {line}: NUL byte; this is a binary file, not text")
     # Lines end at "\n" only (and "\r\n"), so line numbers are the ones editors show.
     return text.replace("\r\n", "\n").split("\n")
 
@@ -207,7 +207,7 @@ def read_label_file(path: str | Path) -> tuple[list[Sample], list[str]]:
     single usable face.
     """
     path = Path(path)
-    lines = _read_text_lines(path)
+    lines = read_text_lines(path)
     samples, warnings = _parse_lines(lines, path.name)
     if not any(line.strip() for line in lines):
         raise DataError(f"{path}: empty file: no '# image' entries")
@@ -234,7 +234,7 @@ def read_image_list(path: str | Path) -> list[str]:
     `Path(root) / line` absolute, so it is stripped.
     """
     path = Path(path)
-    names = [line.strip().lstrip("/") for line in _read_text_lines(path)]
+    names = [line.strip().lstrip("/") for line in read_text_lines(path)]
     names = [n for n in names if n]
     if not names:
         raise DataError(f"{path}: no image paths found")
