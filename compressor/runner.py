@@ -23,6 +23,7 @@ from . import accounting
 from .budget import Budget, check_budget
 from .checkpoint import FINAL_NAME, open_model, save_checkpoint
 from .errors import CheckFailed, UsageError
+from .family import ModelFamily
 from .finite import describe_non_finite, non_finite_tensors
 from .passes import Pass, PassContext, PassResult
 from .progress import Progress
@@ -61,7 +62,7 @@ class RunContext:
         return self.opened.recipe
 
     @property
-    def family(self):  # noqa: ANN201 - ModelFamily
+    def family(self) -> ModelFamily:
         return self.opened.family
 
     @property
