@@ -340,7 +340,15 @@ def _missing(path: Path) -> None:
     (path.parent / "wider_val.txt").unlink(missing_ok=True)
 
 
+def _escape(path: Path) -> None:
+    lines = path.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("#"))
+    lines[first] = "# ../../../outside.jpg"
+    path.write_text("\n".join(lines) + "\n")
+
+
 LABEL_DAMAGE = {
+    "escape": (_escape, "line 1: image path '../../../outside.jpg' leaves the split's images/ folder"),
     "empty": (_empty, "empty file"),
     "binary": (_binary, "line 3: not UTF-8"),  # bytes(range(256)) holds a newline before 0x80
     "nul": (_nul, "line 2: NUL byte"),

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -141,7 +141,14 @@ def _make_sample(image: str, faces: list[_Face]) -> Sample:
     )
 
 
-def _parse_lines(lines: Iterable[str], name: str) -> tuple[list[Sample], list[str]]:
+def _inside_images(image: str, where: str) -> str:
+    """``image`` when it stays inside the split's images/ folder; DataError naming ``where`` otherwise."""
+    if ".." in PurePosixPath(image.replace("\\", "/")).parts:
+        raise DataError(f"{where}: image path {image!r} leaves the split's images/ folder ('..' is not allowed)")
+    return image
+
+
+def _parse_lines(lines: Iterable[str], name: str, source: Path | None = None) -> tuple[list[Sample], list[str]]:
     samples: list[Sample] = []
     warnings: list[str] = []
     image: str | None = None
@@ -157,6 +164,8 @@ def _parse_lines(lines: Iterable[str], name: str) -> tuple[list[Sample], list[st
             if not image:
                 warnings.append(f"{name}:{number}: '#' line without an image path")
                 image = None
+            else:
+                _inside_images(image, f"{source or name}: line {number}")
             continue
         if image is None:
             warnings.append(f"{name}:{number}: face line before any '# image' line")
@@ -208,7 +217,7 @@ def read_label_file(path: str | Path) -> tuple[list[Sample], list[str]]:
     """
     path = Path(path)
     lines = read_text_lines(path)
-    samples, warnings = _parse_lines(lines, path.name)
+    samples, warnings = _parse_lines(lines, path.name, path)
     if not any(line.strip() for line in lines):
         raise DataError(f"{path}: empty file: no '# image' entries")
     if not samples:
@@ -234,8 +243,8 @@ def read_image_list(path: str | Path) -> list[str]:
     `Path(root) / line` absolute, so it is stripped.
     """
     path = Path(path)
-    names = [line.strip().lstrip("/") for line in read_text_lines(path)]
-    names = [n for n in names if n]
+    names = [_inside_images(line.strip().lstrip("/"), f"{path}: line {number}")
+             for number, line in enumerate(read_text_lines(path), start=1) if line.strip()]
     if not names:
         raise DataError(f"{path}: no image paths found")
     return names
