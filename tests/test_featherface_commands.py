@@ -10,11 +10,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from compressor.checkpoint import save_checkpoint
 from compressor.cli import cli
-from featherface import featherface_baseline
 from featherface.data import generate_embedded_dataset
-from compressor_plugins.featherface_family import FAMILY
 
 
 def invoke(*args: str):
@@ -24,13 +21,6 @@ def invoke(*args: str):
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=2, num_val=3, size=160)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, featherface_baseline().eval(), FAMILY)
-    return path
 
 
 def test_eval_widerface_reproduces_the_reference(reference_dir, tmp_path):

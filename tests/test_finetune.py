@@ -18,6 +18,8 @@ from compressor.cli import cli
 from featherface.data import generate_embedded_dataset
 
 TOY = Path(__file__).parent / "fixtures" / "toy_passes.py"
+# `compress train` held after a given step's checkpoint, so a SIGKILL lands there for sure.
+HELD_TRAIN = Path(__file__).parent / "fixtures" / "held_train.py"
 
 
 @pytest.fixture(scope="module")
@@ -77,28 +79,12 @@ def train_recipe(tmp_path: Path, data: Path, steps: int) -> Path:
                  f"train: {{steps: {steps}, batch_size: 2, lr: 0.001, warmup_steps: 2, checkpoint_every: 1}}\n")
 
 
-# Runs `compress train` with every checkpoint after step 2 followed by a long sleep, so the
-# parent's SIGKILL surely lands mid-training, after a checkpoint, never after the end.
-HOLD_AFTER_STEP_2 = """
-import sys, time
-import compressor.train_run as train_run
-from compressor.cli import main
-real = train_run.save_checkpoint
-def held(path, model, family, **kwargs):
-    real(path, model, family, **kwargs)
-    if kwargs.get("extra", {}).get("train_state", {}).get("step", 0) >= 2:
-        time.sleep(600)
-train_run.save_checkpoint = held
-sys.argv = ["compress", *sys.argv[1:]]
-main()
-"""
-
-
 def test_train_is_resumable_after_sigkill_and_deterministic(tmp_path, tiny_data):
     path = train_recipe(tmp_path, tiny_data, steps=6)
     out = tmp_path / "killed"
-    command = [sys.executable, "-c", HOLD_AFTER_STEP_2, "train", str(path), "--out", str(out), "--quiet", "--no-eval"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command = [sys.executable, str(HELD_TRAIN), "train", str(path), "--out", str(out), "--quiet", "--no-eval"]
+    process = subprocess.Popen(command, env={**os.environ, "HOLD_AFTER_STEP": "2"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     last = out / "last.pt"
     deadline = time.monotonic() + 180
     step = 0

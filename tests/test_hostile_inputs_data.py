@@ -22,7 +22,6 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from compressor.checkpoint import save_checkpoint
 from compressor.cli import cli
 from compressor.errors import UsageError
 from compressor_plugins.featherface_family import FAMILY
@@ -63,13 +62,6 @@ def one_line_error(result, *names: str, code: int = 2) -> str:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "d", num_train=4, num_val=2, size=64)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, featherface_baseline().eval(), FAMILY)
-    return path
 
 
 def copy_of(dataset: Path, tmp_path: Path) -> Path:

@@ -32,6 +32,8 @@ from compressor.cli import cli
 from featherface.data import generate_embedded_dataset
 
 STEPS = 4
+# `compress train` held after a given step's checkpoint, so a SIGKILL lands there for sure.
+HELD_TRAIN = Path(__file__).parent / "fixtures" / "held_train.py"
 
 
 @pytest.fixture(scope="module")
@@ -154,26 +156,11 @@ def test_killed_before_the_first_checkpoint_then_after_the_report_before_final(t
     assert_identical(out, straight)
 
 
-# Runs `compress train` holding forever after its checkpoint of step 1, so the parent's SIGKILL lands there.
-HOLD_AFTER_STEP_1 = """
-import sys, time
-import compressor.train_run as train_run
-from compressor.cli import main
-real = train_run.save_checkpoint
-def held(path, model, family, **kwargs):
-    real(path, model, family, **kwargs)
-    if kwargs.get("extra", {}).get("train_state", {}).get("step", 0) >= 1:
-        time.sleep(600)
-train_run.save_checkpoint = held
-sys.argv = ["compress", *sys.argv[1:]]
-main()
-"""
-
-
 def test_sigkill_after_the_first_checkpoint(tmp_path, recipe, straight):
     out = tmp_path / "run"
-    command = [sys.executable, "-c", HOLD_AFTER_STEP_1, "train", str(recipe), "--out", str(out), "--quiet", "--no-eval"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command = [sys.executable, str(HELD_TRAIN), "train", str(recipe), "--out", str(out), "--quiet", "--no-eval"]
+    process = subprocess.Popen(command, env={**os.environ, "HOLD_AFTER_STEP": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and process.poll() is None and not (out / "last.pt").exists():
