@@ -302,10 +302,16 @@ def schema() -> None:
 @json_option
 @handle_errors
 def validate(recipe: Path, overrides: tuple[str, ...], plugins: tuple[str, ...], as_json: bool) -> None:
-    """Check a recipe without running it: keys, types, passes, params, files, budgets."""
+    """Check a recipe without running it: keys, types, passes, params, files, budgets.
+
+    It also loads the starting model (its checkpoint, or the family's baseline)
+    and checks that every stage's pass applies to it; nothing is computed.
+    """
+    from .passes import check_stages_apply
     from .session import open_recipe
 
     opened = open_recipe(recipe, app_from(click.get_current_context(), plugins), overrides=overrides)
+    check_stages_apply(opened, opened.starting_model())
     labels = [s.label for s in opened.recipe.stages]
     if as_json:
         click.echo(json.dumps({"ok": True, "family": opened.family.name, "stages": labels}))

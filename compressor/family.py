@@ -66,6 +66,9 @@ class ModelFamily(ABC):
     metric: str = ""
     #: What ``data.root`` means when a recipe leaves it empty, for help texts and reports.
     default_data: str = ""
+    #: The metric of :meth:`agreement` (its first key): with ``data.eval_images`` it replaces
+    #: :attr:`metric` in budgets, plots and summaries.  Empty: the family has no agreement measure.
+    agreement_metric: str = ""
     #: How the costs in ``MacCount.extra`` are counted, by kind, for people reading them.
     counting_notes: dict[str, str] = {}
 
@@ -116,7 +119,9 @@ class ModelFamily(ABC):
 
     # ------------------------------------------------------------ training and measuring
     # Optional: a family without them can still be compressed with --no-finetune,
-    # and its runs record finetuning and evaluation as unavailable.
+    # and its runs record finetuning and evaluation as unavailable.  Without the
+    # images-without-labels methods (list_images, unlabelled_batches, agreement),
+    # recipes naming data.images or data.eval_images are refused when they open.
 
     supports_training: bool = False
 
@@ -132,6 +137,22 @@ class ModelFamily(ABC):
         """Endless ``(inputs, targets)`` batches of augmented training data for this process."""
         raise NotImplementedError
 
+    def list_images(self, images: Path) -> list[Path]:
+        """The files of a folder of images without labels that :meth:`unlabelled_batches` and :meth:`agreement` read.
+
+        Raises :class:`compressor.errors.UsageError` naming the folder when it is
+        missing or holds no image; cheap (nothing is decoded), so recipes are checked with it.
+        """
+        raise NotImplementedError
+
+    def unlabelled_batches(self, images: Path, input_size: tuple[int, int], batch_size: int, seed: int,
+                           rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> Iterator:
+        """Endless ``(inputs, None)`` batches of augmented views of the images under ``images``, for this process.
+
+        No targets: the loss is the distillation loss alone, teacher and student given the same inputs.
+        """
+        raise NotImplementedError
+
     def task_loss(self, outputs: Any, targets: Any, input_size: tuple[int, int]) -> dict[str, Tensor]:
         """The supervised loss; ``"loss"`` is the total to minimise."""
         raise NotImplementedError
@@ -143,4 +164,12 @@ class ModelFamily(ABC):
     def evaluate(self, model: nn.Module, data_root: Path | None, input_size: tuple[int, int],
                  device: torch.device | None = None) -> dict[str, float]:
         """Accuracy metrics on the validation data; the first is the one budgets and plots use."""
+        raise NotImplementedError
+
+    def agreement(self, model: nn.Module, reference: nn.Module, images: Path,
+                  device: torch.device | None = None) -> dict[str, float]:
+        """How closely ``model``'s results follow ``reference``'s on the images under ``images`` (no labels needed).
+
+        The first key is :attr:`agreement_metric`, 1.0 for a model against itself.
+        """
         raise NotImplementedError

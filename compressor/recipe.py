@@ -37,6 +37,9 @@ MAX_BATCH = 4096
 MAX_SIDE = 8192
 MAX_LR = 10.0
 
+#: The teachers a finetuning names by a word; any other string is a checkpoint path.
+TEACHER_WORDS = ("previous", "baseline", "none")
+
 
 def _safe_name(value: str | None) -> str | None:
     if value is not None and not SAFE_NAME.fullmatch(value):
@@ -71,6 +74,15 @@ class DataConfig(_Strict):
         None, description="Dataset root, in the layout the model family reads; empty: the family's default data "
         "(see `compress families`)."
     )
+    images: Path | None = Field(
+        None, description="A folder of images without labels (jpg/png, any sizes, searched recursively): finetuning "
+        "then learns from the teacher only (the task loss is skipped). Relative to the recipe."
+    )
+    eval_images: Path | None = Field(
+        None, description="A folder of images without labels on which each stage is measured by agreement with the "
+        "starting model (the family's agreement metric) instead of the labelled validation data; for `compress "
+        "train`, agreement with train.teacher. Relative to the recipe."
+    )
 
 
 class TrainConfig(_Strict):
@@ -89,8 +101,10 @@ class TrainConfig(_Strict):
     )
     gamma: float = Field(0.1, gt=0, le=1, description="For schedule: step, the decay factor.")
     grad_clip: float | None = Field(10.0, gt=0, le=1e6, description="Clip the gradient norm to this; empty: no clipping.")
-    teacher: Literal["previous", "baseline", "none"] = Field(
-        "previous", description="Distil from the model before the stage, from the starting model, or not at all."
+    teacher: Literal["previous", "baseline", "none"] | Path = Field(
+        "previous", description="Distil from the model before the stage (previous), from the starting model "
+        "(baseline), not at all (none), or from a checkpoint of any family whose outputs match the model's "
+        "(a path, relative to the recipe). `compress train` distils only from a path."
     )
     distill_weight: float = Field(1.0, ge=0, le=1e4, description="Weight of the distillation loss.")
     task_weight: float = Field(1.0, ge=0, le=1e4, description="Weight of the task (ground-truth) loss.")
@@ -98,6 +112,16 @@ class TrainConfig(_Strict):
     amp: bool = Field(True, description="Mixed precision (CUDA only; ignored on the CPU).")
     checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS,
                                   description="`compress train`: save a resumable checkpoint this often.")
+
+    @pydantic.field_validator("teacher", mode="before")
+    @classmethod
+    def _word_or_path(cls, value: Any) -> Any:
+        # Any string but the three words is a path; one error for anything else, not one per union member.
+        if isinstance(value, Path) or value in TEACHER_WORDS:
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"expected {', '.join(TEACHER_WORDS)} or a checkpoint path, got {value!r}")
+        return Path(value)
 
     @pydantic.model_validator(mode="after")
     def _warmup_within_steps(self) -> TrainConfig:
@@ -111,7 +135,8 @@ class FinalBudget(Budget):
 
     max_accuracy_drop: float | None = Field(
         None, ge=0, le=1e6,
-        description="Largest drop of the accuracy metric against the starting model, in metric units (e.g. 0.02 AP).",
+        description="Largest drop of the accuracy metric against the starting model, in metric units (e.g. 0.02 AP); "
+        "with data.eval_images, the largest 1 - agreement.",
     )
 
 
@@ -185,6 +210,11 @@ class Recipe(_RunSettings):
             return self.finetune
         return TrainConfig.model_validate({**self.finetune.model_dump(), **stage.finetune})
 
+    def finetune_field(self, index: int, name: str) -> str:
+        """Where stage ``index`` (0-based) gets finetuning setting ``name``: its own override or the top level."""
+        overrides = self.stages[index].finetune or {}
+        return f"stages[{index}].finetune.{name}" if name in overrides else f"finetune.{name}"
+
 
 # ---------------------------------------------------------------- loading
 
@@ -257,8 +287,18 @@ def validate_data(raw: dict, path: Path, text: str | None = None, kind: type[_Ru
         value = getattr(recipe.model, field_name)
         if value is not None and not value.is_absolute():
             setattr(recipe.model, field_name, base / value)
-    if recipe.data.root is not None and not recipe.data.root.is_absolute():
-        recipe.data.root = base / recipe.data.root
+    for field_name in ("root", "images", "eval_images"):
+        value = getattr(recipe.data, field_name)
+        if value is not None and not value.is_absolute():
+            setattr(recipe.data, field_name, base / value)
+    settings = recipe.train if isinstance(recipe, TrainRecipe) else recipe.finetune
+    if isinstance(settings.teacher, Path):
+        settings.teacher = base / settings.teacher  # an absolute path stays as it is
+    for stage in recipe.stages if isinstance(recipe, Recipe) else []:
+        # Overrides stay raw until finetune_for validates them; a path among them is resolved here all the same.
+        teacher = (stage.finetune or {}).get("teacher")
+        if isinstance(teacher, str) and teacher not in TEACHER_WORDS and teacher.strip():
+            stage.finetune["teacher"] = str(base / teacher)  # type: ignore[index]
     return recipe
 
 
@@ -368,14 +408,61 @@ def apply_override(raw: dict, override: str) -> None:
 # ------------------------------------------------------- checks against plugins
 
 
-def check_sources(recipe: _RunSettings, path: Path) -> None:
-    """Every file or folder the recipe names is there."""
+def check_sources(recipe: Recipe | TrainRecipe, path: Path) -> None:
+    """Every file or folder the recipe names is there (stage finetune overrides already validated)."""
     for field_name in ("checkpoint", "pretrained"):
         value = getattr(recipe.model, field_name)
         if value is not None and not value.exists():
             raise UsageError(f"{path}: model.{field_name}: no such file: {value}")
-    if recipe.data.root is not None and not recipe.data.root.is_dir():
-        raise UsageError(f"{path}: data.root: no such folder: {recipe.data.root}")
+    for field_name in ("root", "images", "eval_images"):
+        value = getattr(recipe.data, field_name)
+        if value is not None and not value.is_dir():
+            raise UsageError(f"{path}: data.{field_name}: no such folder: {value}")
+    for where, teacher in _teachers(recipe):
+        if isinstance(teacher, Path) and not teacher.exists():
+            raise UsageError(f"{path}: {where}: no such file or run folder: {teacher}")
+
+
+def _teachers(recipe: Recipe | TrainRecipe) -> list[tuple[str, str | Path]]:
+    """(field path, teacher) for every place the recipe sets one: ``train``, or ``finetune`` and the stages'."""
+    if isinstance(recipe, TrainRecipe):
+        return [("train.teacher", recipe.train.teacher)]
+    return [("finetune.teacher", recipe.finetune.teacher),
+            *((f"stages[{i}].finetune.teacher", recipe.finetune_for(s).teacher)
+              for i, s in enumerate(recipe.stages) if "teacher" in (s.finetune or {}))]
+
+
+def check_teachers(recipe: Recipe | TrainRecipe, path: Path) -> None:
+    """Training on images without labels needs a teacher to learn from, and weight on its loss."""
+    if isinstance(recipe, TrainRecipe):
+        _check_train_teacher(recipe, path)
+        return
+    if recipe.data.images is None:
+        return
+    for index, stage in enumerate(recipe.stages):
+        settings = recipe.finetune_for(stage)
+        if not settings.steps:
+            continue
+        if settings.teacher == "none":
+            raise UsageError(f"{path}: {recipe.finetune_field(index, 'teacher')}: none, but data.images has no "
+                             "labels: nothing to learn from (distil from previous, baseline or a checkpoint)")
+        if settings.distill_weight == 0:
+            raise UsageError(f"{path}: {recipe.finetune_field(index, 'distill_weight')}: 0, but data.images has "
+                             "no labels: nothing to learn from")
+
+
+def _check_train_teacher(recipe: TrainRecipe, path: Path) -> None:
+    # `compress train` has no model before a stage nor a starting model worth distilling from: its teacher is a path.
+    train = recipe.train
+    if recipe.data.images is not None and train.steps:
+        if not isinstance(train.teacher, Path):
+            raise UsageError(f"{path}: train.teacher: {train.teacher}, but data.images has no labels: training "
+                             "then needs a teacher checkpoint to learn from (a path)")
+        if train.distill_weight == 0:
+            raise UsageError(f"{path}: train.distill_weight: 0, but data.images has no labels: nothing to learn from")
+    if recipe.data.eval_images is not None and not isinstance(train.teacher, Path):
+        raise UsageError(f"{path}: data.eval_images: `compress train` measures agreement with train.teacher, "
+                         f"which must then be a checkpoint path, not {train.teacher}")
 
 
 def check_against_registry(recipe: Recipe, registry: Registry, path: Path) -> list[pydantic.BaseModel]:

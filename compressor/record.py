@@ -41,9 +41,29 @@ class FinetuneRecord(_Record):
     skipped: str | None = Field(None, description="Why there was no finetuning, e.g. '--no-finetune'.")
     steps: int = 0
     seconds: float = 0.0
-    teacher: str | None = None
+    teacher: str | None = Field(None, description="previous, baseline or none; for a teacher checkpoint its file name.")
+    labels: Literal["ground truth", "none"] = Field(
+        "ground truth", description="none: the data had no labels, the task loss was skipped (distillation only).")
     first_loss: float | None = None
     last_loss: float | None = None
+
+
+class ImageFolder(_Record):
+    """A folder of images without labels, as the run found it."""
+
+    path: str
+    files: int
+
+    def __str__(self) -> str:
+        return f"unlabelled images: {self.path} ({self.files} files)"
+
+
+class DataRecord(_Record):
+    """The folders of images without labels the run used; the labelled data is the recipe's ``data.root``."""
+
+    images: ImageFolder | None = Field(None, description="What finetuning learned from, by distillation only.")
+    eval_images: ImageFolder | None = Field(
+        None, description="What the metric was measured on, by agreement with the starting model.")
 
 
 class Measured(_Record):
@@ -147,8 +167,10 @@ class RunRecord(_Record):
     format: Literal["compressor.run/1"] = RECORD_FORMAT
     recipe: dict[str, Any] = Field(description="The recipe as validated (paths absolute), what --resume compares.")
     family: str
-    metric: str | None = Field(description="The family's headline accuracy metric, which budgets use.")
+    metric: str | None = Field(description="The family's headline accuracy metric, which budgets use (its "
+                               "agreement metric with data.eval_images).")
     mode: RunMode
+    data: DataRecord = Field(default_factory=DataRecord)
     baseline: Measured
     stages: list[StageRecord]
     final: Measured | None = None

@@ -200,6 +200,7 @@ def _summary(record: RunRecord) -> list[str]:
         lines.append(f"- input size: {'x'.join(str(s) for s in size)}")
     mode = "finetuned and evaluated" if record.mode.finetune else "structural only (--no-finetune)"
     lines.append(f"- run: {state}, {done} of {len(record.stages)} stages done; {mode}, on {record.mode.device}")
+    lines += _data_lines(record)
     base = record.baseline.params.total
     label, latest = record.latest()
     if label != "baseline":
@@ -209,6 +210,27 @@ def _summary(record: RunRecord) -> list[str]:
     else:
         lines.append(f"- parameters: {base:,} (baseline)")
     return [*lines, ""]
+
+
+def _data_lines(record: RunRecord) -> list[str]:
+    """Where finetuning learned from and what the metric is measured on."""
+    root = (record.recipe.get("data") or {}).get("root")
+    labelled = f"labelled data at `{root}`" if root else "the family's default data"
+    images = record.data.images
+    lines = [f"- finetuning data: {images}, distillation only (no labels, the task loss is skipped)" if images
+             else f"- finetuning data: {labelled}"]
+    if record.metric:
+        eval_images = record.data.eval_images
+        measured = (f"agreement with the starting model on {eval_images}" if eval_images
+                    else f"on the validation split of {labelled}")
+        lines.append(f"- metric: {record.metric}, {measured}")
+    return lines
+
+
+def _teacher(name: str | None) -> str:
+    if name in ("previous", "baseline"):
+        return f"from the {name} model"
+    return "without a teacher" if name in ("none", None) else f"from teacher `{name}`"
 
 
 def _stage_row(index: int, stage: StageRecord, previous: int, metrics: list[str]) -> list[object]:
@@ -251,7 +273,8 @@ def _notes(record: RunRecord) -> list[str]:
             parts.append(f"finetune skipped ({finetune.skipped})")
         elif finetune is not None:
             losses = f", loss {_metric(finetune.first_loss)} → {_metric(finetune.last_loss)}"
-            parts.append(f"finetune: {finetune.steps} steps from the {finetune.teacher} model{losses}, "
+            labels = ", distillation only (labels: none)" if finetune.labels == "none" else ""
+            parts.append(f"finetune: {finetune.steps} steps {_teacher(finetune.teacher)}{labels}{losses}, "
                          f"{finetune.seconds:.1f}s")
         if stage.pass_record:
             parts.append(f"pass: {_brief(stage.pass_record)}")

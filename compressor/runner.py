@@ -25,7 +25,7 @@ from .checkpoint import FINAL_NAME, open_model, save_checkpoint
 from .errors import CheckFailed, UsageError
 from .family import ModelFamily
 from .finite import describe_non_finite, non_finite_tensors
-from .passes import Pass, PassContext, PassResult
+from .passes import Pass, PassContext, PassResult, check_stages_apply
 from .progress import Progress
 from .record import FinetuneRecord, Measured, RunMode, RunRecord, StageRecord, read_record
 from .recipe import Recipe, Stage
@@ -56,6 +56,8 @@ class RunContext:
     contract: list
     mode: RunMode
     record: RunRecord | None
+    #: The teacher checkpoints the stages' finetuning names, each loaded once.
+    teachers: dict[Path, nn.Module]
 
     @property
     def recipe(self) -> Recipe:
@@ -107,16 +109,21 @@ def _run(opened: OpenedRecipe, options: RunOptions) -> RunRecord:
 
     seed_everything(recipe.seed)
     first_model = opened.starting_model().to(opened.device)
+    check_stages_apply(opened, first_model)
     height, width = recipe.input_size
     example = family.example_input(height, width, batch_size=2, seed=recipe.seed).to(opened.device)
+    contract = output_contract(forward_eval(first_model, example))
     ctx = RunContext(opened=opened, example=example, progress=progress, starting_model=first_model,
-                     contract=output_contract(forward_eval(first_model, example)), mode=mode, record=previous)
+                     contract=contract, mode=mode, record=previous,
+                     teachers=_teachers(opened, mode, example, contract))
 
     if previous is not None:
         model = _resume_model(ctx)
     else:
+        metric = family.agreement_metric if recipe.data.eval_images is not None else family.metric
         ctx.record = RunRecord(
-            recipe=recipe_record, family=family.name, metric=family.metric or None, mode=mode,
+            recipe=recipe_record, family=family.name, metric=metric or None, mode=mode, data=opened.data,
+            # With data.eval_images the starting model is measured against itself too (1.0 when all is well).
             baseline=Measured.of(_measure(ctx, first_model), _evaluate(ctx, first_model)),
             stages=[StageRecord(name=s.label, pass_name=s.pass_name) for s in recipe.stages],
         )
@@ -135,6 +142,20 @@ def _run(opened: OpenedRecipe, options: RunOptions) -> RunRecord:
         model = _run_stage(ctx, index, stage, params, model)
 
     return _finish(ctx, model)
+
+
+def _teachers(opened: OpenedRecipe, mode: RunMode, example: torch.Tensor, contract: list) -> dict[Path, nn.Module]:
+    """Every teacher checkpoint a stage will finetune from, loaded and checked against the student before any work."""
+    recipe = opened.recipe
+    if not (mode.finetune and opened.family.supports_training):
+        return {}
+    teachers: dict[Path, nn.Module] = {}
+    for index, stage in enumerate(recipe.stages):
+        settings = recipe.finetune_for(stage)
+        if settings.steps and isinstance(settings.teacher, Path) and settings.teacher not in teachers:
+            teachers[settings.teacher] = opened.teacher(settings.teacher, recipe.finetune_field(index, "teacher"),
+                                                        example, contract)
+    return teachers
 
 
 def recipe_as_record(recipe: Recipe) -> dict[str, Any]:
@@ -325,21 +346,38 @@ def _finetune(ctx: RunContext, index: int, stage: Stage, before: nn.Module, mode
         return FinetuneRecord(skipped="finetune.steps is 0")
     if not ctx.family.supports_training:
         return FinetuneRecord(skipped=f"model family {ctx.family.name} has no training support")
-    teacher = {"previous": before, "baseline": ctx.starting_model, "none": None}[settings.teacher]
+    if isinstance(settings.teacher, Path):
+        # Loaded once for the run, never trained: shared by the stages that name it.
+        teacher, teacher_name = ctx.teachers[settings.teacher], settings.teacher.name
+    else:
+        known = {"previous": before, "baseline": ctx.starting_model, "none": None}[settings.teacher]
+        teacher, teacher_name = (copy.deepcopy(known) if known is not None else None), settings.teacher
     rank, world = distributed()
-    batches = ctx.family.training_batches(ctx.recipe.data.root, ctx.recipe.input_size, settings.batch_size,
-                                          ctx.recipe.seed + index, rank, world, ctx.device)
-    result = train(model, ctx.family, settings, batches, device=ctx.device,
-                   teacher=copy.deepcopy(teacher) if teacher is not None else None,
+    images, seed = ctx.recipe.data.images, ctx.recipe.seed + index
+    if images is not None:  # no labels: the batches' targets are None and the loss is distillation only
+        batches = ctx.family.unlabelled_batches(images, ctx.recipe.input_size, settings.batch_size, seed, rank,
+                                                world, ctx.device)
+    else:
+        batches = ctx.family.training_batches(ctx.recipe.data.root, ctx.recipe.input_size, settings.batch_size,
+                                              seed, rank, world, ctx.device)
+    result = train(model, ctx.family, settings, batches, device=ctx.device, teacher=teacher,
                    progress=ctx.progress, where=f"stage {index} ({stage.label}): finetune")
-    return FinetuneRecord(steps=result.steps, seconds=result.seconds, teacher=settings.teacher,
+    return FinetuneRecord(steps=result.steps, seconds=result.seconds, teacher=teacher_name,
+                          labels="none" if images is not None else "ground truth",
                           first_loss=result.first_loss, last_loss=result.last_loss)
 
 
 def _evaluate(ctx: RunContext, model: nn.Module) -> dict[str, float]:
-    """Accuracy metrics, when the run's mode evaluates (not with --no-finetune) and on rank 0."""
+    """Accuracy metrics, when the run's mode evaluates (not with --no-finetune) and on rank 0.
+
+    With data.eval_images, agreement with the starting model instead of accuracy on labelled data.
+    """
     if not ctx.mode.evaluate or not is_main_process():
         return {}
+    images = ctx.recipe.data.eval_images
+    if images is not None:
+        ctx.progress.echo(f"    measuring agreement with the starting model on {images} ...")
+        return ctx.family.agreement(model, ctx.starting_model, images, ctx.device)
     ctx.progress.echo("    evaluating on the validation split ...")
     return ctx.family.evaluate(model, ctx.recipe.data.root, ctx.recipe.input_size, ctx.device)
 

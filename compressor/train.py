@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .errors import CheckFailed
+from .errors import CheckFailed, UsageError
 from .family import ModelFamily
 from .finite import FiniteCheck, all_finite, describe_non_finite, floating_state, forward_error_message
 from .progress import Progress
@@ -168,7 +168,9 @@ def train(
     """Train ``model`` in place for ``config.steps`` steps (from ``state.step`` when resuming).
 
     The loss is ``task_weight * family.task_loss`` plus, with a teacher,
-    ``distill_weight * family.distillation_loss``.  After the last step the
+    ``distill_weight * family.distillation_loss``; a batch whose targets are
+    None (images without labels) has no task loss, only the distillation
+    loss, so it needs a teacher.  After the last step the
     BatchNorm statistics are re-estimated (also when ``state`` says every step
     was already done: a resumed training ends as the uninterrupted one).
 
@@ -194,6 +196,7 @@ def train(
         bad = describe_non_finite(teacher)
         if bad:
             raise CheckFailed(f"{where}: the teacher's weights are non-finite: {bad}")
+    distilling = teacher is not None and config.distill_weight > 0
     trained: nn.Module = model
     if world > 1:
         trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -213,6 +216,9 @@ def train(
         images, targets = next(batches)
         if isinstance(images, Tensor) and not all_finite([images]):
             raise CheckFailed(f"{where}: the training batch of {at} holds non-finite values (NaN/Inf in the data?)")
+        if targets is None and not distilling:
+            raise UsageError(f"{where}: the batch of {at} has no labels and there is no teacher "
+                             "(or distill_weight is 0): nothing to learn from")
         lr = config.lr * lr_factor(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -224,14 +230,18 @@ def train(
                 outputs = _forward(trained, model, images, f"{where}: the forward refused non-finite values at {at}",
                                    hint, rollback)
                 size = (images.shape[-2], images.shape[-1])
-                loss = config.task_weight * family.task_loss(outputs, targets, size)["loss"]
-                if teacher is not None and config.distill_weight > 0:
+                # No targets (images without labels): no task loss, the teacher is all there is to learn from.
+                loss = None
+                if targets is not None:
+                    loss = config.task_weight * family.task_loss(outputs, targets, size)["loss"]
+                if distilling:
                     with torch.no_grad():
                         teacher_outputs = _forward(teacher, teacher, images,
                                                    f"{where}: the teacher's forward refused non-finite values at {at}",
                                                    "", rollback)
-                    kd = family.distillation_loss(outputs, teacher_outputs, config.temperature)["loss"]
-                    loss = loss + config.distill_weight * kd
+                    kd = config.distill_weight * family.distillation_loss(outputs, teacher_outputs,
+                                                                          config.temperature)["loss"]
+                    loss = kd if loss is None else loss + kd
         except FloatingPointError as err:  # one the family's loss raised
             rollback.restore()
             raise CheckFailed(f"{where}: the loss refused non-finite values at {at}: {type(err).__name__}: "

@@ -4,6 +4,10 @@ Long jobs are the point: a checkpoint (weights, spec, optimizer, step, losses)
 is written atomically every ``train.checkpoint_every`` steps, and ``--resume``
 continues from it with the same data order and learning-rate schedule, ending
 bit-identical to an uninterrupted training wherever the first one was killed.
+
+With ``train.teacher`` a checkpoint, the model also learns from that teacher
+(any family whose outputs match); with ``data.images`` from it alone, on images
+without labels, and ``data.eval_images`` measures agreement with it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .runfolder import RunFolder
 from .runner import first_difference, seed_everything
 from .session import OpenedRecipe
 from .train import TrainState, distributed, init_distributed, is_main_process, train
+from .validate import forward_eval, output_contract
 
 LAST_NAME = "last.pt"
 REPORT_NAME = "train_report.json"
@@ -93,27 +98,53 @@ def _train(opened: OpenedRecipe, options: TrainOptions) -> dict:
                         extra={"train_state": {"step": state.step, "optimizer": state.optimizer,
                                                "losses": state.losses, "mode": mode}})
 
+    # A word (previous, baseline, none) names no model here: `compress train` distils from a checkpoint only.
+    teacher_path = recipe.train.teacher if isinstance(recipe.train.teacher, Path) else None
+    teacher = None
+    if teacher_path is not None:
+        example = family.example_input(*recipe.input_size, batch_size=2, seed=recipe.seed)
+        teacher = opened.teacher(teacher_path, "train.teacher", example, output_contract(forward_eval(model, example)))
+    images = recipe.data.images
+    if images is not None:  # no labels: the batches' targets are None and the loss is distillation only
+        batches = family.unlabelled_batches(images, recipe.input_size, recipe.train.batch_size, recipe.seed,
+                                            rank, world, device)
+    else:
+        batches = family.training_batches(recipe.data.root, recipe.input_size, recipe.train.batch_size,
+                                          recipe.seed, rank, world, device)
     # Skip the batches already consumed so a resumed run sees the same data order.
-    batches = family.training_batches(recipe.data.root, recipe.input_size, recipe.train.batch_size,
-                                      recipe.seed, rank, world, device)
     for _ in range(state.step):
         next(batches)
-    result = train(model, family, recipe.train, batches, device=device, progress=progress,
+    result = train(model, family, recipe.train, batches, device=device, teacher=teacher, progress=progress,
                    state=state, on_checkpoint=save, where="training")
     report = {"recipe": record, "steps": state.step, "result": result.to_dict(),
-              "loss_curve": _curve(state.losses)}
+              "loss_curve": _curve(state.losses),
+              "teacher": teacher_path.name if teacher_path is not None else None,
+              "labels": "none" if images is not None else "ground truth",
+              "data": opened.data.model_dump(mode="json")}
     if first_step:
         report["resumed_at_step"] = first_step
     if is_main_process():
         if options.evaluate:
-            progress.echo("evaluating on the validation split ...")
-            report["metrics"] = family.evaluate(model, recipe.data.root, recipe.input_size, device)
+            report["metrics"] = _evaluate(opened, model, teacher, progress)
         # final.pt last: its presence means the training is complete, report included.
         atomic_write_json(out_dir / REPORT_NAME, report)
         save_checkpoint(final, model, family, recipe=record,
                         extra={"metrics": report.get("metrics", {}), "steps": state.step})
         progress.echo(f"done: {state.step} steps, metrics {report.get('metrics', {})} -> {final}")
     return report
+
+
+def _evaluate(opened: OpenedRecipe, model: torch.nn.Module, teacher: torch.nn.Module | None,
+              progress: Progress) -> dict[str, float]:
+    """Accuracy on the labelled validation data, or with data.eval_images agreement with the teacher."""
+    recipe, family, device = opened.recipe, opened.family, opened.device
+    images = recipe.data.eval_images
+    if images is not None:
+        assert teacher is not None  # the recipe check: data.eval_images in a training recipe needs a teacher path
+        progress.echo(f"measuring agreement with the teacher on {images} ...")
+        return family.agreement(model, teacher, images, device)
+    progress.echo("evaluating on the validation split ...")
+    return family.evaluate(model, recipe.data.root, recipe.input_size, device)
 
 
 def _train_state(path: Path, checkpoint: dict) -> dict:

@@ -1,15 +1,10 @@
-"""FeatherFace: the model family (modules, specs, priors, box coding, detection, evaluation)."""
+"""FeatherFace: the model family's own modules, model and original-checkpoint loader.
+
+What it shares with other face detectors (body, SSH, heads, priors, box coding,
+detection, data, evaluation) lives in :mod:`facedet`.
+"""
 
 from .model import FeatherFace, featherface_baseline
-from .original import CheckpointError, load_original_checkpoint, load_pretrained_backbone
-from .spec import from_spec, to_spec
+from .original import load_original_checkpoint
 
-__all__ = [
-    "CheckpointError",
-    "FeatherFace",
-    "featherface_baseline",
-    "from_spec",
-    "load_original_checkpoint",
-    "load_pretrained_backbone",
-    "to_spec",
-]
+__all__ = ["FeatherFace", "featherface_baseline", "load_original_checkpoint"]

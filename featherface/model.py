@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .modules import SSH, BiFPNCell, ChannelShuffleBlock, MobileNetV1, SeparateHeads, cbam
-from .spec import register
+from facedet.modules import SSH, MobileNetV1, SeparateHeads
+from facedet.spec import register
+
+from .modules import BiFPNCell, ChannelShuffleBlock, cbam
 
 # Top-level attribute -> accounting component.  Everything a pass adds must live
 # under one of these attributes, or it is counted as "other".
@@ -28,7 +30,7 @@ class FeatherFace(nn.Module):
     ``forward`` returns ``(boxes N x P x 4, class logits N x P x 2, landmarks N x P x 10)``
     in train and eval mode alike: the class scores are raw logits, never
     softmaxed (post-processing applies the softmax).  The input is a BGR,
-    mean-subtracted float batch (see :mod:`featherface.preprocess`).
+    mean-subtracted float batch (see :mod:`facedet.preprocess`).
     """
 
     def __init__(

@@ -21,8 +21,8 @@ from compressor.passes import PassContext, PassResult
 from compressor.surgery import batchnorm_keep, conv_keep, l1_importance, linear_keep, top_k
 from featherface.modules.bifpn import BiFPNCell, Projection, SeparableConvBN
 from featherface.modules.cbam import ChannelGate
-from featherface.modules.deform import DeformableConv2d
-from featherface.modules.ssh import SSH, ConvBN
+from facedet.modules.deform import DeformableConv2d
+from facedet.modules.ssh import SSH, ConvBN
 
 PROJECTIONS = ("p3_down_channel", "p4_down_channel", "p5_down_channel", "p4_down_channel_2", "p5_down_channel_2")
 SEPARABLES = ("conv4_up", "conv3_up", "conv4_down", "conv5_down")
@@ -51,6 +51,12 @@ class BiFPNSlim(Pass):
 
     name = "bifpn_slim"
     Params = BiFPNSlimParams
+
+    def applies_to(self, model: nn.Module) -> str | None:
+        cells = getattr(model, "bifpn", None)
+        if isinstance(cells, nn.ModuleList) and any(isinstance(c, BiFPNCell) for c in cells):
+            return None
+        return "the model has no BiFPN cells"
 
     def check(self, model: nn.Module, params: BiFPNSlimParams, ctx: PassContext) -> None:
         cells = list(model.bifpn)

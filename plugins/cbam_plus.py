@@ -54,6 +54,9 @@ def check_targets_given(targets: list[str] | None) -> list[str] | None:
     return targets
 
 
+NO_CBAM = "the model has no CBAM modules"
+
+
 def cbam_paths(model: nn.Module) -> list[str]:
     """Module paths of every CBAM in ``model``, in module order."""
     return [name for name, module in model.named_modules() if isinstance(module, CBAM)]
@@ -96,6 +99,9 @@ class CBAMPlus(Pass):
 
     name = "cbam_plus"
     Params = CBAMPlusParams
+
+    def applies_to(self, model: nn.Module) -> str | None:
+        return None if cbam_paths(model) else NO_CBAM
 
     def check(self, model: nn.Module, params: CBAMPlusParams, ctx: PassContext) -> None:
         for path in resolve_targets(model, params.targets):

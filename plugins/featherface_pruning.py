@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from torch_pruning.pruner import function
 
 from compressor.family import PruningHints
-from featherface.modules import BiFPNCell, ChannelShuffleBlock, DeformableConv2d, SpatialGate
+from facedet.modules import DeformableConv2d
+from featherface.modules import BiFPNCell, ChannelShuffleBlock, SpatialGate
 from featherface.modules.bifpn import FusionWeights
 from featherface.modules.shuffle import shuffle_permutation
 

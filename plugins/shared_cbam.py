@@ -1,7 +1,7 @@
 """shared_cbam: SharedCBAMManager, one spatial gate for all CBAMs, one channel gate per width.
 
 Sharing is done by handing several CBAMs the very same gate instance, so the
-parameter count drops by what the duplicates held, ``featherface.to_spec``
+parameter count drops by what the duplicates held, ``facedet.spec.to_spec``
 writes the later uses as refs, and a checkpoint reloads them shared.
 
 The shared gate starts from the average of the gates it replaces, taken per
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext
-from compressor_plugins.cbam_plus import check_targets_given, resolve_targets
+from compressor_plugins.cbam_plus import NO_CBAM, cbam_paths, check_targets_given, resolve_targets
 
 
 class SharedCBAMParams(pydantic.BaseModel):
@@ -118,6 +118,12 @@ class SharedCBAM(Pass):
 
     name = "shared_cbam"
     Params = SharedCBAMParams
+
+    def applies_to(self, model: nn.Module) -> str | None:
+        count = len(cbam_paths(model))
+        if count == 0:
+            return NO_CBAM
+        return "the model has a single CBAM module: there is nothing to share its gates with" if count == 1 else None
 
     def check(self, model: nn.Module, params: SharedCBAMParams, ctx: PassContext) -> None:
         paths = resolve_targets(model, params.targets)

@@ -19,13 +19,16 @@ diagonal), which is then written out in the target form:
   makes a plain source exact.
 
 With ``width_ratio`` < 1 the five convs keep their most important output
-channels.  The three branch outputs, concatenated, feed the channel-shuffle
-block, whose first 1x1 conv loses the matching input columns, after the
-shuffle's permutation of the old and of the new channel count.
+channels (L1 of the kernel times the BN scale).  The three branch outputs,
+concatenated, feed the next layer, which loses the matching input columns: in
+FeatherFace the channel-shuffle block's first 1x1 conv, after the shuffle's
+permutation of the old and of the new channel count; in RetinaFace, which has
+no shuffle, the level's head convs directly (see :func:`reader_of`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
@@ -37,9 +40,10 @@ from torch import Tensor, nn
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext, PassResult
 from compressor.surgery import batchnorm_keep, conv_keep, dense_conv_weight, grouped_weight, l1_importance, top_k
-from featherface.modules.deform import DeformableConv2d
+from facedet.modules.deform import DeformableConv2d
+from facedet.modules.heads import SeparateHeads, UnifiedHeads
+from facedet.modules.ssh import SSH, ConvBN
 from featherface.modules.shuffle import ChannelShuffleBlock, shuffle_permutation
-from featherface.modules.ssh import SSH, ConvBN
 
 # SSH unit -> (its output width's SSH argument, the unit whose output it reads or None for the SSH input).
 UNITS = {
@@ -127,13 +131,19 @@ class SSHSlim(Pass):
     name = "ssh_slim"
     Params = SSHSlimParams
 
+    def applies_to(self, model: nn.Module) -> str | None:
+        modules = getattr(model, "ssh", None)
+        if isinstance(modules, nn.ModuleList) and any(isinstance(m, SSH) for m in modules):
+            return None
+        return "the model has no SSH context modules"
+
     def check(self, model: nn.Module, params: SSHSlimParams, ctx: PassContext) -> None:
         levels = _checked_levels(model, params.levels)
         if params.width_ratio < 1:
-            _check_shuffles_not_shared(model, levels)
+            _check_readers(model, levels)
         for level in levels:
             ssh = model.ssh[level]
-            widths = new_widths(ssh, params.width_ratio, model.shuffle[level].groups, level)
+            widths = new_widths(ssh, params.width_ratio, _divisor(model, level), level)
             if params.conv == "grouped":
                 _check_groups_divide(ssh.conv3x3.in_channels, widths, params.groups, level)
 
@@ -142,15 +152,69 @@ class SSHSlim(Pass):
         record: list[dict[str, Any]] = []
         for level in _checked_levels(model, params.levels):
             old = model.ssh[level]
-            shuffle = model.shuffle[level]
-            widths = new_widths(old, params.width_ratio, shuffle.groups, level)
+            widths = new_widths(old, params.width_ratio, _divisor(model, level), level)
             keep = kept_channels(old, widths, target.fold_offsets)
             model.ssh[level] = rebuild(old, widths, keep, target)
             if widths.out_channels != old.out_channels:
-                slice_shuffle_input(shuffle, concat_index(old, keep))
+                required_reader(model, level).narrow(concat_index(old, keep))
             record.append({"level": level, "conv": target.kind, "groups": target.groups,
                            "before": asdict(widths_of(old)), "after": asdict(widths)})
         return PassResult(model, {"levels": record})
+
+
+@dataclass(frozen=True)
+class Reader:
+    """What reads one SSH module's output: it loses the input columns of the channels the SSH drops."""
+
+    #: The layers holding those columns (a layer shared between levels cannot narrow for one of them).
+    layers: tuple[nn.Module, ...]
+    #: The SSH output width must stay a multiple of this (a channel shuffle's groups).
+    divisor: int
+    #: Drops the columns of every channel not in ``kept`` (SSH output indices, ascending, old numbering).
+    narrow: Callable[[Tensor], None]
+
+
+def reader_of(model: nn.Module, level: int) -> Reader | None:
+    """The reader of ``ssh[level]``'s output, or None when it is nothing this pass can narrow.
+
+    A model with channel-shuffle blocks (FeatherFace) feeds each SSH into its
+    level's block; otherwise (RetinaFace) the heads' 1x1 convs of the level read
+    the SSH output directly: one per output with SeparateHeads, one with UnifiedHeads.
+    """
+    shuffle = getattr(model, "shuffle", None)
+    if shuffle is not None:
+        block = shuffle[level] if level < len(shuffle) else None
+        if not isinstance(block, ChannelShuffleBlock):
+            return None
+        return Reader((block,), block.groups, lambda kept: slice_shuffle_input(block, kept))
+    lists = head_conv_lists(getattr(model, "heads", None))
+    if not lists or not all(level < len(convs) and _dense(convs[level]) for convs in lists):
+        return None
+
+    def narrow(kept: Tensor) -> None:
+        for convs in lists:
+            convs[level] = conv_keep(convs[level], in_index=kept)
+
+    return Reader(tuple(convs[level] for convs in lists), 1, narrow)
+
+
+def head_conv_lists(heads: nn.Module | None) -> list[nn.ModuleList]:
+    """The per-level conv lists of detection heads (class, box, landmark; or the unified ones); empty for others."""
+    if isinstance(heads, SeparateHeads):
+        return [heads.class_convs, heads.box_convs, heads.landmark_convs]
+    if isinstance(heads, UnifiedHeads):
+        return [heads.convs]
+    return []
+
+
+def _dense(conv: nn.Module) -> bool:
+    return isinstance(conv, nn.Conv2d) and conv.groups == 1
+
+
+def _divisor(model: nn.Module, level: int) -> int:
+    # Unchanged widths need no reader: any SSH can change its convs.
+    reader = reader_of(model, level)
+    return reader.divisor if reader is not None else 1
 
 
 def _checked_levels(model: nn.Module, levels: list[int] | None) -> list[int]:
@@ -161,17 +225,30 @@ def _checked_levels(model: nn.Module, levels: list[int] | None) -> list[int]:
     if bad:
         raise ValueError(f"levels: {bad} out of range 0..{count - 1}")
     for level in levels:
-        if not isinstance(model.ssh[level], SSH) or not isinstance(model.shuffle[level], ChannelShuffleBlock):
-            raise ValueError(f"levels: ssh[{level}] is not an SSH followed by a channel-shuffle block")
+        if not isinstance(model.ssh[level], SSH):
+            raise ValueError(f"levels: ssh[{level}] is a {type(model.ssh[level]).__name__}, not an SSH")
     return sorted(set(levels))
 
 
-def _check_shuffles_not_shared(model: nn.Module, levels: list[int]) -> None:
-    # A shared shuffle block would have its input sliced once per level that uses it.
-    blocks = [id(model.shuffle[level]) for level in range(len(model.shuffle))]
+def required_reader(model: nn.Module, level: int) -> Reader:
+    """The reader of ``ssh[level]``, which a narrower SSH needs; ValueError naming ``width_ratio`` without one."""
+    reader = reader_of(model, level)
+    if reader is None:
+        raise ValueError(f"width_ratio: ssh[{level}] feeds neither a channel-shuffle block nor plain 1x1 "
+                         "head convs, whose inputs this pass could narrow with it")
+    return reader
+
+
+def _check_readers(model: nn.Module, levels: list[int]) -> None:
+    """Every narrowed SSH has a reader to narrow with it, used by no other level."""
+    readers = [reader_of(model, level) for level in range(len(model.ssh))]
     for level in levels:
-        if blocks.count(blocks[level]) > 1:
-            raise ValueError(f"levels: shuffle[{level}] is shared with another level; "
+        reader = required_reader(model, level)
+        # A shared layer would have its input sliced once per level that uses it.
+        others = {id(layer) for other, found in enumerate(readers) if other != level and found is not None
+                  for layer in found.layers}
+        if any(id(layer) in others for layer in reader.layers):
+            raise ValueError(f"levels: the layers reading ssh[{level}] are shared with another level; "
                              "narrowing its SSH would narrow the others' inputs too")
 
 

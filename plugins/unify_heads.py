@@ -19,7 +19,7 @@ from torch import nn
 
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext
-from featherface.modules.heads import (
+from facedet.modules.heads import (
     BOX_OUTPUTS,
     CLASS_OUTPUTS,
     LANDMARK_OUTPUTS,
@@ -59,18 +59,26 @@ def separate_heads(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, SeparateHeads)]
 
 
-def model_problems(model: nn.Module) -> list[str]:
-    """Why ``model``'s heads cannot be unified; empty when they can."""
+def missing_heads(model: nn.Module) -> str | None:
+    """Why ``model`` has no SeparateHeads the pass could replace; None when it has."""
     paths = separate_heads(model)
     if not paths:
         unified = [name or "the model" for name, m in model.named_modules() if isinstance(m, UnifiedHeads)]
         if unified:
-            return [f"{', '.join(unified)} {'is' if len(unified) == 1 else 'are'} already UnifiedHeads "
-                    "(unify_heads was applied before)"]
-        return ["the model has no SeparateHeads to unify"]
+            return (f"{', '.join(unified)} {'is' if len(unified) == 1 else 'are'} already UnifiedHeads "
+                    "(unify_heads was applied before)")
+        return "the model has no SeparateHeads to unify"
     if "" in paths:
-        return ["the model itself is a SeparateHeads: there is no parent to hold the unified heads"]
-    return [problem for path in paths for problem in head_problems(model.get_submodule(path), path)]
+        return "the model itself is a SeparateHeads: there is no parent to hold the unified heads"
+    return None
+
+
+def model_problems(model: nn.Module) -> list[str]:
+    """Why ``model``'s heads cannot be unified; empty when they can."""
+    missing = missing_heads(model)
+    if missing is not None:
+        return [missing]
+    return [problem for path in separate_heads(model) for problem in head_problems(model.get_submodule(path), path)]
 
 
 def unify(heads: SeparateHeads) -> UnifiedHeads:
@@ -94,6 +102,9 @@ class UnifyHeads(Pass):
 
     name = "unify_heads"
     lossless = True
+
+    def applies_to(self, model: nn.Module) -> str | None:
+        return missing_heads(model)
 
     def check(self, model: nn.Module, params: Any, ctx: PassContext) -> None:
         problems = model_problems(model)

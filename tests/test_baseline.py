@@ -7,11 +7,14 @@ import json
 import pytest
 import torch
 
+import facedet.modules
 import featherface
 from compressor import load_model
 from compressor.errors import UsageError
-from featherface.original import CheckpointError, translate_key
-from featherface.priors import num_priors
+from facedet.original import CheckpointError, load_pretrained_backbone, translate_key
+from featherface.original import RULES
+from facedet.priors import num_priors
+from facedet.spec import from_spec, to_spec
 
 ATOL = 1e-4
 
@@ -54,7 +57,7 @@ def test_state_dict_keys_cover_the_original_exactly(reference_dir):
     lines = (reference_dir / "featherface_baseline_state_dict.txt").read_text().splitlines()
     original = {line.split("\t")[0]: line.split("\t")[1] for line in lines if line.strip()}
     ours = featherface.featherface_baseline().state_dict()
-    translated = {translate_key(k): shape for k, shape in original.items()}
+    translated = {translate_key(k, RULES): shape for k, shape in original.items()}
     assert None not in translated
     assert set(translated) == set(ours)
     for key, shape in translated.items():
@@ -118,15 +121,15 @@ def test_other_architecture_is_refused(reference_dir):
 
 def test_pretrained_backbone(reference_dir):
     model = featherface.featherface_baseline()
-    featherface.load_pretrained_backbone(model.backbone, _read(reference_dir / "mobilenetV1X0.25_pretrain.tar"))
+    load_pretrained_backbone(model.backbone, _read(reference_dir / "mobilenetV1X0.25_pretrain.tar"))
     raw = torch.load(reference_dir / "mobilenetV1X0.25_pretrain.tar", map_location="cpu", weights_only=True)
     assert torch.equal(model.backbone.stage3[1].pointwise.weight, raw["state_dict"]["module.stage3.1.3.weight"])
 
 
 def test_spec_round_trip_rebuilds_the_same_network():
     model = featherface.featherface_baseline().eval()
-    spec = json.loads(json.dumps(featherface.to_spec(model)))
-    rebuilt = featherface.from_spec(spec).eval()
+    spec = json.loads(json.dumps(to_spec(model)))
+    rebuilt = from_spec(spec).eval()
     rebuilt.load_state_dict(model.state_dict())
     x = torch.randn(1, 3, 64, 64) * 40
     with torch.no_grad():
@@ -139,19 +142,19 @@ def test_spec_keeps_shared_modules_shared():
     gate = model.backbone_cbam[0].spatial_gate
     for attention in [*model.backbone_cbam, *model.bifpn_cbam]:
         attention.spatial_gate = gate
-    spec = featherface.to_spec(model)
+    spec = to_spec(model)
     assert spec["args"]["bifpn_cbam"][2]["args"]["spatial_gate"] == {"ref": "backbone_cbam.0.spatial_gate"}
-    rebuilt = featherface.from_spec(spec)
+    rebuilt = from_spec(spec)
     assert rebuilt.bifpn_cbam[2].spatial_gate is rebuilt.backbone_cbam[0].spatial_gate
     rebuilt.load_state_dict(model.state_dict())
 
 
 def test_spec_follows_narrowed_layers():
     model = featherface.featherface_baseline()
-    model.ssh[0] = featherface.modules.SSH(64, out3x3=16, mid5x5=8, out5x5=8, mid7x7=8, out7x7=8, deformable=False)
+    model.ssh[0] = facedet.modules.SSH(64, out3x3=16, mid5x5=8, out5x5=8, mid7x7=8, out7x7=8, deformable=False)
     model.shuffle[0] = featherface.modules.ChannelShuffleBlock(32, 16, 64)
-    spec = featherface.to_spec(model)
+    spec = to_spec(model)
     assert spec["args"]["ssh"][0]["args"]["out3x3"] == 16
     assert spec["args"]["ssh"][0]["args"]["deformable"] is False
-    rebuilt = featherface.from_spec(spec)
+    rebuilt = from_spec(spec)
     assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in model.parameters())

@@ -52,7 +52,7 @@ def test_every_computing_command_takes_device_and_refuses_an_unavailable_one(com
         pytest.skip("this machine has CUDA")
     recipe = write_recipe(tmp_path, "stages:\n  - pass: identity\n")
     train_recipe = tmp_path / "train.yaml"
-    train_recipe.write_text("input_size: 64\ntrain: {steps: 1}\n")
+    train_recipe.write_text("model: {family: featherface}\ninput_size: 64\ntrain: {steps: 1}\n")
     image = tmp_path / "x.png"
     image.write_bytes(b"")
     args = {

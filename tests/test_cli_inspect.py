@@ -29,7 +29,7 @@ def test_inspect_baseline_json():
 
 
 def test_inspect_table_and_non_square_size():
-    result = run("inspect", "--input-size", "256x192")
+    result = run("inspect", "featherface", "--input-size", "256x192")
     assert result.exit_code == 0
     assert "592,371" in result.output and "256x192" in result.output
     assert "deform_sampling_macs" in result.output
@@ -51,8 +51,8 @@ def _assert_one_line_error(result, *fragments: str) -> None:
 
 
 def test_bad_input_size():
-    _assert_one_line_error(run("inspect", "--input-size", "100"), "100x100", "multiples of 32")
-    _assert_one_line_error(run("inspect", "--input-size", "big"), "big")
+    _assert_one_line_error(run("inspect", "featherface", "--input-size", "100"), "100x100", "multiples of 32")
+    _assert_one_line_error(run("inspect", "featherface", "--input-size", "big"), "big")
 
 
 def test_missing_file(tmp_path):
@@ -72,10 +72,11 @@ def test_truncated_checkpoint(tmp_path, reference_dir):
     _assert_one_line_error(run("inspect", str(path)), "truncated.pt")
 
 
-def test_other_architecture(reference_dir):
-    # A RetinaFace checkpoint shares no key names with FeatherFace's original code.
-    _assert_one_line_error(run("inspect", str(reference_dir / "retinaface_mnet025_widerface.pth")),
-                           "not a checkpoint of any registered model family")
+def test_other_architecture(tmp_path):
+    # A state_dict of some other network: no family's original names, not one of our checkpoints.
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.bias": torch.zeros(10)}, path)
+    _assert_one_line_error(run("inspect", str(path)), "resnet.pth", "not a checkpoint of any registered model family")
 
 
 def test_featherface_checkpoint_with_wrong_shapes(tmp_path, reference_dir):

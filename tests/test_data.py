@@ -1,4 +1,4 @@
-"""Tests of featherface.data: label reading, the Dataset, augmentation and
+"""Tests of facedet.data: label reading, the Dataset, augmentation and
 the embedded dataset generator."""
 
 from __future__ import annotations
@@ -11,22 +11,22 @@ import pytest
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-from featherface.data import synthetic
-from featherface.data.collate import collate
-from featherface.data.synthetic import (
+from facedet.data import synthetic
+from facedet.data.collate import collate
+from facedet.data.synthetic import (
     ensure_embedded_dataset,
     generate_embedded_dataset,
     plan_layouts,
     save_sample_grid,
 )
-from featherface.data.transforms import (
+from facedet.data.transforms import (
     EvalTransform,
     TrainTransform,
     horizontal_flip,
     pad_to_square,
     random_square_crop,
 )
-from featherface.data.widerface import FaceDataset, read_image_list, read_label_file
+from facedet.data.widerface import FaceDataset, read_image_list, read_label_file
 
 UNANNOTATED = " ".join(["-1.0"] * 16)
 
@@ -240,7 +240,7 @@ def test_corrupt_image_is_skipped_and_counted(tiny_root, tmp_path, caplog):
     bad = root / "train" / "images" / samples[1].image
     bad.write_bytes(b"not an image at all")
 
-    with caplog.at_level(logging.WARNING, logger="featherface.data.widerface"):
+    with caplog.at_level(logging.WARNING, logger="facedet.data.widerface"):
         dataset = FaceDataset(root, "train")
     assert len(dataset) == 3 and dataset.skipped == [bad]
     assert any(bad.name in record.getMessage() for record in caplog.records)

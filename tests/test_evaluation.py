@@ -1,4 +1,4 @@
-"""Tests for the WIDER FACE evaluation protocol (featherface.evaluation)."""
+"""Tests for the WIDER FACE evaluation protocol (facedet.evaluation)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featherface.evaluation import (
+from facedet.evaluation import (
     WiderFaceGroundTruth,
     average_precision,
+    average_precision_all_points,
     evaluate_widerface,
     evaluate_widerface_predictions,
     image_pr_counts,
@@ -170,6 +171,67 @@ def test_images_without_predictions_count_their_faces() -> None:
     missed = (np.zeros((0, 4)), np.zeros(0), np.array([GT_A, GT_B], dtype=float), None)
     assert average_precision([hit, missed]) == pytest.approx(5 / 12)
     assert average_precision([missed]) == 0.0
+
+
+def test_voc_ap_of_a_perfect_ranking_is_exactly_one() -> None:
+    # Summing 452 recall steps of 1/452 would round to 0.9999999999999999.
+    recall = np.arange(1, 453) / 452
+    assert voc_ap(recall, np.ones(452)) == 1.0
+
+
+def test_all_points_hand_built() -> None:
+    # The case of test_average_precision_hand_built on raw scores: TP 0.9, FP 0.6, TP 0.3
+    # -> (P, R) = (1, 1/2), (1/2, 1/2), (2/3, 1); AP = 1/2 + 1/2 * 2/3 = 5/6.
+    image = (
+        np.array([GT_A, FAR_AWAY, GT_B], dtype=float),
+        np.array([0.9, 0.6, 0.3]),
+        np.array([GT_A, GT_B], dtype=float),
+        None,
+    )
+    assert average_precision_all_points([image]) == pytest.approx(5 / 6)
+
+
+def test_all_points_every_distinct_score_is_a_threshold() -> None:
+    # TP 1.0, TP 0.5001, FP 0.5 on 2 faces: all points (1, 1/2), (1, 1), (2/3, 1) -> AP 1.
+    # On the grid of 1,000 normalised thresholds 0.5001 and 0.5 (0.0002 and 0) enter
+    # together: (1, 1/2), (2/3, 1) -> 5/6.
+    image = (
+        np.array([GT_A, GT_B, FAR_AWAY], dtype=float),
+        np.array([1.0, 0.5001, 0.5]),
+        np.array([GT_A, GT_B], dtype=float),
+        None,
+    )
+    assert average_precision_all_points([image]) == pytest.approx(1.0)
+    assert average_precision([image]) == pytest.approx(5 / 6)
+
+
+def test_all_points_tied_scores_enter_together() -> None:
+    # A hit and a false positive with the same score give one point (1/2, 1), whatever
+    # their order: AP 1/2, not 1.
+    image = (np.array([GT_A, FAR_AWAY], dtype=float), np.array([0.7, 0.7]), np.array([GT_A], dtype=float), None)
+    assert average_precision_all_points([image]) == pytest.approx(0.5)
+
+
+def test_all_points_pools_images_into_one_ranking() -> None:
+    # Image 1: TP 0.9, FP 0.8; image 2: TP 0.7.  Pooled: (1, 1/2), (1/2, 1/2), (2/3, 1) -> 5/6
+    # (each image alone has AP 1).  An image without predictions still counts its faces.
+    first = (np.array([GT_A, FAR_AWAY], dtype=float), np.array([0.9, 0.8]), np.array([GT_A], dtype=float), None)
+    second = (np.array([GT_B], dtype=float), np.array([0.7]), np.array([GT_B], dtype=float), None)
+    missed = (np.zeros((0, 4)), np.zeros(0), np.array([GT_C], dtype=float), None)
+    assert average_precision_all_points([first, second]) == pytest.approx(5 / 6)
+    assert average_precision_all_points([first, second, missed]) == pytest.approx(1 / 3 + 1 / 3 * 2 / 3)
+    assert average_precision_all_points([missed]) == 0.0
+    assert average_precision_all_points([]) == 0.0
+
+
+def test_all_points_ignored_faces_and_bad_records() -> None:
+    # As test_ignored_gt_match_is_neither_tp_nor_fp: the prediction on the ignored face C is dropped.
+    preds = np.array([GT_A, GT_C, FAR_AWAY, GT_B], dtype=float)
+    gt = np.array([GT_A, GT_B, GT_C], dtype=float)
+    ignored = np.array([False, False, True])
+    assert average_precision_all_points([(preds, np.array([0.9, 0.8, 0.6, 0.3]), gt, ignored)]) == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="4 boxes but 3 scores"):
+        average_precision_all_points([(preds, np.array([0.9, 0.8, 0.6]), gt, None)])
 
 
 def test_iou_matrix_pixel_offset() -> None:

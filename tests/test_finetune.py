@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from compressor.cli import cli
-from featherface.data import generate_embedded_dataset
+from facedet.data import generate_embedded_dataset
 
 TOY = Path(__file__).parent / "fixtures" / "toy_passes.py"
 # `compress train` held after a given step's checkpoint, so a SIGKILL lands there for sure.
@@ -34,7 +34,7 @@ def write(path: Path, text: str) -> Path:
 
 def run_recipe(tmp_path: Path, data: Path, stages: str, finetune: str = "{steps: 2, batch_size: 2, lr: 0.0001}") -> Path:
     return write(tmp_path / "recipe.yaml",
-                 f"plugins: [{TOY}]\ninput_size: 64\nseed: 1\ndata: {{root: {data}}}\n"
+                 f"model: {{family: featherface}}\nplugins: [{TOY}]\ninput_size: 64\nseed: 1\ndata: {{root: {data}}}\n"
                  f"finetune: {finetune}\nstages:\n{stages}")
 
 
@@ -75,7 +75,7 @@ def test_diverging_finetune_fails_its_stage_and_keeps_the_last_checkpoint(tmp_pa
 
 def train_recipe(tmp_path: Path, data: Path, steps: int) -> Path:
     return write(tmp_path / "train.yaml",
-                 f"input_size: 64\nseed: 2\ndata: {{root: {data}}}\n"
+                 f"model: {{family: featherface}}\ninput_size: 64\nseed: 2\ndata: {{root: {data}}}\n"
                  f"train: {{steps: {steps}, batch_size: 2, lr: 0.001, warmup_steps: 2, checkpoint_every: 1}}\n")
 
 

@@ -39,7 +39,8 @@ def one_line_error(result, code: int = 2) -> str:
 
 def recipe(tmp_path: Path, body: str, name: str = "recipe.yaml") -> Path:
     path = tmp_path / name
-    path.write_text(f"plugins: [{TOY}]\ninput_size: 64\n{body}")
+    family = "" if "model:" in body else "model: {family: featherface}\n"
+    path.write_text(f"{family}plugins: [{TOY}]\ninput_size: 64\n{body}")
     return path
 
 

@@ -26,7 +26,7 @@ from compressor.cli import cli
 from compressor.errors import UsageError
 from compressor_plugins.featherface_family import FAMILY
 from featherface import featherface_baseline
-from featherface.data import (
+from facedet.data import (
     DEFAULT_MAX_PIXELS,
     MAX_PIXELS_ENV,
     DataError,
@@ -74,7 +74,7 @@ def images_of(root: Path, split: str) -> list[Path]:
 
 def train_recipe(tmp_path: Path, root: Path, batch_size: int = 2) -> Path:
     path = tmp_path / "train.yaml"
-    path.write_text(f"input_size: 64\nseed: 2\ndata: {{root: {root}}}\n"
+    path.write_text(f"model: {{family: featherface}}\ninput_size: 64\nseed: 2\ndata: {{root: {root}}}\n"
                     f"train: {{steps: 1, batch_size: {batch_size}, lr: 0.001, warmup_steps: 0, checkpoint_every: 1}}\n")
     return path
 
@@ -415,7 +415,7 @@ def test_an_undecodable_image_is_skipped_and_counted(dataset, checkpoint, tmp_pa
     result = invoke("eval", str(checkpoint), "--data", str(root), "--input-size", "64", "--json")
     assert result.exit_code == 0, result.output
     assert '"val_images": 1.0' in result.output
-    with caplog.at_level(logging.WARNING, logger="featherface.data.widerface"):
+    with caplog.at_level(logging.WARNING, logger="facedet.data.widerface"):
         dataset_ = FaceDataset(root, "val")
     assert len(dataset_) == 1 and dataset_.skipped == [bad]
     assert any(str(bad) in record.getMessage() for record in caplog.records)
@@ -433,7 +433,7 @@ def test_finetuning_in_a_run_refuses_bad_data_in_one_line(dataset, tmp_path):
     root = copy_of(dataset, tmp_path)
     (root / "train" / "label.txt").write_bytes(b"\xff\xfe\x00binary")
     recipe = tmp_path / "run.yaml"
-    recipe.write_text(f"plugins: [{TOY}]\ninput_size: 64\nseed: 1\ndata: {{root: {root}}}\n"
+    recipe.write_text(f"model: {{family: featherface}}\nplugins: [{TOY}]\ninput_size: 64\nseed: 1\ndata: {{root: {root}}}\n"
                       "finetune: {steps: 2, batch_size: 2}\nstages:\n  - pass: identity\n")
     out = tmp_path / "run"
     one_line_error(invoke("run", str(recipe), "--out", str(out), "--quiet"), str(root / "train" / "label.txt"))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from compressor.finite import all_finite, describe_non_finite, non_finite_tensors
-from featherface.data import generate_embedded_dataset
+from facedet.data import generate_embedded_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOY = FIXTURES / "toy_passes.py"
@@ -80,7 +80,7 @@ def test_huge_finite_values_are_finite():
 
 DCN_CASES = r"""
 import json, torch, featherface
-from featherface.modules.deform import DeformableConv2d
+from facedet.modules.deform import DeformableConv2d
 from compressor.finite import forward_error_message
 torch.manual_seed(0)
 results = {}
@@ -267,7 +267,7 @@ def test_a_forward_refusing_non_finite_offsets_names_the_step_and_layer(train_re
 def test_compress_train_that_diverges_fails_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
     # Within the recipe's limits: SGD at lr 10 with weight decay 1 and no clipping blows up in a few steps.
     recipe = tmp_path / "train.yaml"
-    recipe.write_text(f"input_size: 64\nseed: 2\ndata: {{root: {tiny_data}}}\n"
+    recipe.write_text(f"model: {{family: featherface}}\ninput_size: 64\nseed: 2\ndata: {{root: {tiny_data}}}\n"
                       "train: {steps: 8, batch_size: 2, lr: 10, optimizer: sgd, weight_decay: 1, grad_clip: null, "
                       "checkpoint_every: 1}\n")
     out = tmp_path / "out"
@@ -287,7 +287,7 @@ def test_compress_train_that_diverges_fails_at_its_step_and_keeps_the_last_good_
 def run_recipe(tmp_path: Path, data: Path, stages: str,
                finetune: str = "{steps: 2, batch_size: 2, lr: 0.0001}") -> Path:
     path = tmp_path / "recipe.yaml"
-    path.write_text(f"plugins: [{TOY}, {POISON}]\ninput_size: 64\nseed: 1\ndata: {{root: {data}}}\n"
+    path.write_text(f"model: {{family: featherface}}\nplugins: [{TOY}, {POISON}]\ninput_size: 64\nseed: 1\ndata: {{root: {data}}}\n"
                     f"finetune: {finetune}\nstages:\n{stages}")
     return path
 

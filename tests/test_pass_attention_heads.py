@@ -19,9 +19,11 @@ from compressor.cli import cli
 from compressor.passes import PassContext, PassResult
 from compressor.plugins import load_registry
 from compressor.validate import forward_eval, output_drift
-from featherface.modules import SeparateHeads, UnifiedHeads, cbam
+from facedet.modules import SeparateHeads, UnifiedHeads
+from featherface.modules import cbam
 from compressor_plugins.featherface_family import FAMILY
 from compressor_plugins.unify_heads import unify
+from facedet.spec import from_spec, to_spec
 
 PLUGINS = ["compressor_plugins.cbam_plus", "compressor_plugins.shared_cbam", "compressor_plugins.unify_heads"]
 CBAMS = ["backbone_cbam.0", "backbone_cbam.1", "backbone_cbam.2", "bifpn_cbam.0", "bifpn_cbam.1", "bifpn_cbam.2"]
@@ -117,8 +119,8 @@ def assert_same_shapes(before: nn.Module, after: nn.Module, example: torch.Tenso
 
 def assert_spec_round_trip(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """to_spec (through JSON) -> from_spec -> load_state_dict reproduces the outputs exactly."""
-    spec = json.loads(json.dumps(featherface.to_spec(model)))
-    rebuilt = featherface.from_spec(spec)
+    spec = json.loads(json.dumps(to_spec(model)))
+    rebuilt = from_spec(spec)
     rebuilt.load_state_dict(model.state_dict())
     rebuilt.eval()
     for a, b in zip(forward_eval(model, example), forward_eval(rebuilt, example)):
@@ -236,7 +238,7 @@ def test_shared_cbam_drifts_less_than_random_gates(registry, reference, example)
 
 def test_shared_cbam_spec_round_trip_keeps_sharing(registry, baseline, example):
     shared = run_pass(registry, "shared_cbam", baseline, example)
-    spec = featherface.to_spec(shared)
+    spec = to_spec(shared)
     assert spec["args"]["bifpn_cbam"][2]["args"]["spatial_gate"] == {"ref": "backbone_cbam.0.spatial_gate"}
     rebuilt = assert_spec_round_trip(shared, example)
     assert rebuilt.backbone_cbam[0].spatial_gate is rebuilt.bifpn_cbam[2].spatial_gate
@@ -305,7 +307,7 @@ def test_unify_heads_with_pruned_input_widths(example):
 
 def test_unify_heads_spec_round_trip(registry, baseline, example):
     unified = run_pass(registry, "unify_heads", baseline, example)
-    spec = featherface.to_spec(unified)
+    spec = to_spec(unified)
     assert spec["args"]["heads"] == {"type": "UnifiedHeads", "args": {"in_channels": [64, 64, 64], "num_anchors": 2}}
     assert_spec_round_trip(unified, example)
 
@@ -389,6 +391,7 @@ def test_passes_listed_with_params():
 def test_compress_run_end_to_end(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
+        "model: {family: featherface}\n"
         f"plugins: [{', '.join(PLUGINS)}]\ninput_size: 64\nseed: 0\nstages:\n"
         "  - pass: cbam_plus\n    params: {reduction_ratio: 32}\n"
         "  - pass: shared_cbam\n"

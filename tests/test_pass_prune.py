@@ -21,13 +21,15 @@ from compressor.cli import cli
 from compressor.passes import PassContext, PassResult
 from compressor.plugins import load_registry
 from compressor.validate import output_drift
-from featherface.modules import SSH, ChannelShuffleBlock, DeformableConv2d
+from facedet.modules import SSH, DeformableConv2d
+from featherface.modules import ChannelShuffleBlock
 from featherface.modules.bifpn import FusionWeights
 from featherface.modules.shuffle import channel_shuffle, shuffle_permutation
 from compressor_plugins.featherface_family import FAMILY
 from compressor_plugins.featherface_pruning import DEFORMABLE_PRUNER, shuffles_folded
 from compressor_plugins.prune import Prune, dependency_graph, prunable_components, prune_model
 from compressor_plugins.prune import PruneParams as Params
+from facedet.spec import from_spec, to_spec
 
 HEAD_OUT = {"class_convs": 4, "box_convs": 8, "landmark_convs": 20}
 
@@ -135,7 +137,7 @@ def test_prune_one_component(component, baseline, example):
         assert [conv.out_channels for conv in getattr(model.heads, attr)] == [width] * 3
 
     # The spec describes the pruned model: it rebuilds it and reproduces its outputs exactly.
-    rebuilt = featherface.from_spec(featherface.to_spec(model))
+    rebuilt = from_spec(to_spec(model))
     rebuilt.load_state_dict(model.state_dict())
     for a, b in zip(_outputs(rebuilt, example), pruned):
         assert torch.equal(a, b)
@@ -154,7 +156,7 @@ def test_widths_after_pruning_each_component_by_a_quarter(baseline, example):
     for component in ("backbone", "bifpn", "ssh", "channel_shuffle", "cbam"):
         model = copy.deepcopy(baseline)
         prune_model(model, Params(ratios={component: 0.25}), _ctx(example))
-        spec[component] = featherface.to_spec(model)["args"]
+        spec[component] = to_spec(model)["args"]
     assert spec["backbone"]["backbone"]["args"]["widths"] == [[6, 12, 24, 24, 48, 48], [96] * 6, [192, 192]]
     assert {cell["args"]["channels"] for cell in spec["bifpn"]["bifpn"]} == {48}
     assert spec["bifpn"]["heads"]["args"]["in_channels"] == [64] * 3
@@ -273,9 +275,9 @@ def test_deformable_conv_pruner_on_a_lone_ssh():
         zeroed.ssh.conv5x5_1.bn.bias[[2, 7]] = 0
     _assert_same_outputs([_outputs(model, x)], [_outputs(zeroed, x)[:, kept_out]], tol=1e-5)
 
-    rebuilt = featherface.from_spec(featherface.to_spec(model.ssh))
+    rebuilt = from_spec(to_spec(model.ssh))
     rebuilt.load_state_dict(model.ssh.state_dict())
-    assert featherface.to_spec(rebuilt)["args"]["mid5x5"] == 6
+    assert to_spec(rebuilt)["args"]["mid5x5"] == 6
 
 
 def _alive_tiny(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -298,7 +300,7 @@ def test_ignored_layers_and_round_to(baseline, example):
     model = copy.deepcopy(baseline)
     params = Params(ratio=0.25, ignored_layers=["backbone.stage1.0", "bifpn.0.conv4_up"], round_to=4)
     prune_model(model, params, _ctx(example))
-    args = featherface.to_spec(model)["args"]
+    args = to_spec(model)["args"]
     widths = args["backbone"]["args"]["widths"]
     assert widths[0][0] == 8 and widths[2] == [192, 192]
     # One ignored BiFPN layer holds every BiFPN width: a cell has a single width.
@@ -322,7 +324,7 @@ def test_shared_gates_and_grouped_convs(baseline, example):
     model.ssh[2] = SSH(64, deformable=False, groups=4).eval()
     prune_model(model, Params(ratio=0.25), _ctx(example))
 
-    args = featherface.to_spec(model)["args"]
+    args = to_spec(model)["args"]
     assert all(cbam["args"]["spatial_gate"] == {"ref": "backbone_cbam.0.spatial_gate"} for cbam in args["bifpn_cbam"])
     assert model.bifpn_cbam[2].channel_gate is model.bifpn_cbam[0].channel_gate
     assert args["bifpn_cbam"][0]["args"]["channel_gate"]["args"]["hidden"] == 3
@@ -330,7 +332,7 @@ def test_shared_gates_and_grouped_convs(baseline, example):
     assert {cell["args"]["channels"] for cell in args["bifpn"]} == {64}
     assert args["ssh"][2]["args"]["out3x3"] == 32 and args["ssh"][0]["args"]["out3x3"] == 24
     assert args["backbone"]["args"]["widths"][2] == [192, 192]
-    rebuilt = featherface.from_spec(featherface.to_spec(model))
+    rebuilt = from_spec(to_spec(model))
     rebuilt.load_state_dict(model.state_dict())
     for a, b in zip(_outputs(rebuilt, example), _outputs(model, example)):
         assert torch.equal(a, b)
@@ -357,6 +359,7 @@ def test_pruned_checkpoint_reloads_exactly(baseline, example, tmp_path):
 def test_until_reaches_a_parameter_budget_in_steps(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
+        "model: {family: featherface}\n"
         "plugins: [compressor_plugins.prune]\ninput_size: 64\nseed: 3\nstages:\n"
         "  - pass: prune\n    params: {ratio: 0.1}\n    until: {total: 450000, max_repeats: 20}\n"
     )
@@ -399,7 +402,7 @@ def test_carried_weights_drift_less_than_a_reinitialised_copy(ratios, margin, re
     model = copy.deepcopy(trained)
     prune_model(model, Params(ratios=ratios), _ctx(example))
     torch.manual_seed(0)
-    fresh = featherface.from_spec(featherface.to_spec(model)).eval()
+    fresh = from_spec(to_spec(model)).eval()
     reference = _outputs(trained, example)
     carried = _mean_drift(reference, _outputs(model, example))
     reinitialised = _mean_drift(reference, _outputs(fresh, example))

@@ -19,10 +19,11 @@ from compressor.passes import PassContext, PassResult
 from compressor.plugins import load_registry
 from compressor.validate import output_drift
 from featherface.modules.bifpn import Projection, SeparableConvBN
-from featherface.modules.deform import DeformableConv2d
+from facedet.modules.deform import DeformableConv2d
 from featherface.modules.shuffle import shuffle_permutation
 from compressor_plugins import bifpn_slim, ssh_slim
 from compressor_plugins.featherface_family import FAMILY
+from facedet.spec import from_spec, to_spec
 
 BASELINE_TOTAL = 592_371
 BASELINE_BIFPN = 112_606
@@ -77,7 +78,7 @@ def assert_runs_and_round_trips(model: nn.Module, x: torch.Tensor) -> None:
     after = outputs(model, x)
     assert [tuple(o.shape) for o in after] == OUTPUT_SHAPES
     assert all(torch.isfinite(o).all() for o in after)
-    rebuilt = featherface.from_spec(json.loads(json.dumps(featherface.to_spec(model))))
+    rebuilt = from_spec(json.loads(json.dumps(to_spec(model))))
     rebuilt.load_state_dict(model.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(after, outputs(rebuilt, x)))
 
@@ -284,9 +285,9 @@ def test_narrow_bifpn_equals_the_original_with_dropped_channels_zeroed(model, ex
 def reinitialised(model: nn.Module, prefixes: tuple[str, ...], seed: int = 0) -> nn.Module:
     """The same structure with the parameters and BN statistics under ``prefixes`` freshly initialised."""
     torch.manual_seed(seed)
-    fresh = featherface.from_spec(featherface.to_spec(model)).state_dict()
+    fresh = from_spec(to_spec(model)).state_dict()
     state = {k: fresh[k] if k.startswith(prefixes) else v for k, v in model.state_dict().items()}
-    rebuilt = featherface.from_spec(featherface.to_spec(model))
+    rebuilt = from_spec(to_spec(model))
     rebuilt.load_state_dict(state)
     return rebuilt.eval()
 
@@ -393,6 +394,7 @@ def test_compress_run_with_both_passes(tmp_path, registry):
     assert registry.get_pass("bifpn_slim").summary() and registry.get_pass("ssh_slim").summary()
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
+        "model: {family: featherface}\n"
         "plugins: [compressor_plugins.bifpn_slim, compressor_plugins.ssh_slim]\ninput_size: 64\nseed: 1\nstages:\n"
         "  - pass: bifpn_slim\n    params: {channels: 32, cells: 2}\n"
         "  - pass: ssh_slim\n    params: {conv: plain, width_ratio: 0.5}\n"

@@ -8,16 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from featherface.boxes import (
+from facedet.boxes import (
     VARIANCES,
     decode_boxes,
     decode_landmarks,
     encode_boxes,
     encode_landmarks,
 )
-from featherface.detect import Detections, detect, postprocess
-from featherface.preprocess import MEAN_BGR, pad_to_multiple, to_network_input
-from featherface.priors import PriorConfig, make_priors, num_priors
+from facedet.detect import Detections, detect, postprocess
+from facedet.preprocess import MEAN_BGR, pad_to_multiple, to_network_input
+from facedet.priors import PriorConfig, make_priors, num_priors
 
 
 # --------------------------------------------------------------------------- priors

@@ -33,7 +33,7 @@ def one_line_error(result, code: int = 2) -> str:
 
 
 def toy_recipe(stages: str, extra: str = "") -> str:
-    return f"plugins: [{TOY}]\ninput_size: 64\n{extra}stages:\n{stages}"
+    return f"model: {{family: featherface}}\nplugins: [{TOY}]\ninput_size: 64\n{extra}stages:\n{stages}"
 
 
 def test_valid_recipe(tmp_path):
@@ -50,13 +50,13 @@ def test_malformed_yaml_reports_line_and_column(tmp_path):
 
 
 def test_unknown_key_suggests(tmp_path):
-    path = write(tmp_path, "stages:\n  - pass: identity\n    parms: {}\n")
+    path = write(tmp_path, "model: {family: featherface}\n" "stages:\n  - pass: identity\n    parms: {}\n")
     line = one_line_error(validate(path))
-    assert "stages[0].parms" in line and "did you mean params?" in line and "(line 3)" in line
+    assert "stages[0].parms" in line and "did you mean params?" in line and "(line 4)" in line
 
 
 def test_wrong_type_names_the_field(tmp_path):
-    path = write(tmp_path, "input_size: [64, big]\n")
+    path = write(tmp_path, "model: {family: featherface}\n" "input_size: [64, big]\n")
     assert "input_size[1]" in one_line_error(validate(path))
 
 
@@ -89,13 +89,13 @@ def test_broken_plugin_file_is_named(tmp_path):
 
 
 def test_budget_with_unknown_component(tmp_path):
-    path = write(tmp_path, "budget: {components: {shh: 100}}\n")
+    path = write(tmp_path, "model: {family: featherface}\n" "budget: {components: {shh: 100}}\n")
     line = one_line_error(validate(path))
     assert "budget.components.shh" in line and "did you mean ssh?" in line
 
 
 def test_bad_input_size(tmp_path):
-    assert "multiples of 32" in one_line_error(validate(write(tmp_path, "input_size: 100\n")))
+    assert "multiples of 32" in one_line_error(validate(write(tmp_path, "model: {family: featherface}\n" "input_size: 100\n")))
 
 
 def test_duplicate_stage_names(tmp_path):

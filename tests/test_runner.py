@@ -21,7 +21,8 @@ TOY = Path(__file__).parent / "fixtures" / "toy_passes.py"
 
 def recipe(tmp_path: Path, stages: str, extra: str = "") -> Path:
     path = tmp_path / "recipe.yaml"
-    path.write_text(f"plugins: [{TOY}]\ninput_size: 64\nseed: 3\n{extra}stages:\n{stages}")
+    family = "" if "model:" in extra else "model: {family: featherface}\n"
+    path.write_text(f"{family}plugins: [{TOY}]\ninput_size: 64\nseed: 3\n{extra}stages:\n{stages}")
     return path
 
 

@@ -29,7 +29,7 @@ from click.testing import CliRunner
 import compressor.train as train_module
 import compressor.train_run as train_run
 from compressor.cli import cli
-from featherface.data import generate_embedded_dataset
+from facedet.data import generate_embedded_dataset
 
 STEPS = 4
 # `compress train` held after a given step's checkpoint, so a SIGKILL lands there for sure.
@@ -44,7 +44,7 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def recipe(tiny_data, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("recipe") / "train.yaml"
-    path.write_text(f"input_size: 64\nseed: 2\ndata: {{root: {tiny_data}}}\n"
+    path.write_text(f"model: {{family: featherface}}\ninput_size: 64\nseed: 2\ndata: {{root: {tiny_data}}}\n"
                     f"train: {{steps: {STEPS}, batch_size: 2, lr: 0.002, warmup_steps: 1, checkpoint_every: 1}}\n")
     return path
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..spec import register
+from facedet.spec import register
 
 # BiFPN's BN settings follow the EfficientDet lineage, not PyTorch defaults.
 BN_EPS = 1e-3

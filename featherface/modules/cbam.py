@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..spec import register
+from facedet.spec import register
 
 
 @register

@@ -1,6 +1,6 @@
 """Training losses: RetinaFace-style multibox loss and detector distillation.
 
-Conventions shared with the model and `featherface.boxes`:
+Conventions shared with the model and `facedet.boxes`:
 
 * predictions are `(bbox N×P×4, conf N×P×C raw logits, landmarks N×P×10)`,
   class 1 = face, class 0 = background;
@@ -291,12 +291,17 @@ class DistillationLoss(nn.Module):
     """Teacher → student loss on raw detector outputs.
 
     * class: KL(teacher ‖ student) between softmax(logits / T), summed over
-      classes, averaged over all priors and scaled by T² (Hinton et al.) so
-      its gradient magnitude does not shrink as T grows;
+      classes and over all priors, scaled by T² (Hinton et al.) so its
+      gradient magnitude does not shrink as T grows, and divided by the
+      number of priors the teacher calls a face (softmax at T=1, class 1 ≥
+      `confidence`; at least 1).  Faces hold about one prior in a thousand:
+      a mean over all priors would drown them in easy background, while this
+      count weighs the class term like the regression terms below (as the
+      multibox loss normalises by its matched priors);
     * box / landmark: smooth-L1 between raw regressions, only on priors the
-      teacher calls a face (softmax at T=1, class 1 ≥ `confidence`) —
-      regressions on background priors are untrained noise not worth
-      copying — normalised by that count; zero when there is none.
+      teacher calls a face — regressions on background priors are untrained
+      noise not worth copying — normalised by that count; zero when there is
+      none.
 
     The teacher is detached here so callers cannot leak gradients into it.
     """
@@ -327,8 +332,8 @@ class DistillationLoss(nn.Module):
         _check_same_shapes((s_box, s_conf, s_landmarks), (t_box, t_conf, t_landmarks))
 
         with _float32_region(s_box.device):
-            cls = self._soft_class_loss(s_conf, t_conf)
             confident = t_conf.softmax(dim=-1)[..., 1] >= self.confidence
+            cls = self._soft_class_loss(s_conf, t_conf) / confident.sum().clamp(min=1)
             box = _masked_smooth_l1(s_box, t_box, confident)
             landmark = _masked_smooth_l1(s_landmarks, t_landmarks, confident)
             total = (
@@ -341,4 +346,4 @@ class DistillationLoss(nn.Module):
         s_log = F.log_softmax(s_conf / temperature, dim=-1)
         t_log = F.log_softmax(t_conf / temperature, dim=-1)
         per_prior = F.kl_div(s_log, t_log, reduction="none", log_target=True).sum(dim=-1)
-        return per_prior.mean() * temperature**2
+        return per_prior.sum() * temperature**2

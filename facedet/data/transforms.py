@@ -20,7 +20,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision import tv_tensors
 
-from featherface.preprocess import MEAN_BGR, to_network_input
+from facedet.preprocess import MEAN_BGR, to_network_input
 
 __all__ = [
     "CROP_SCALES",
@@ -191,7 +191,9 @@ def photometric_distort(
         # which adjustments fired.
         fire = _coin(params.p, generator)
         factor = _uniform(low, high, generator)
-        if fire and not (gray and adjust in (TF.adjust_saturation, TF.adjust_hue)):
+        # A range that is the identity only (hue (0, 0), a factor (1, 1)) turns an adjustment off.
+        no_op = low == high == (0.0 if adjust is TF.adjust_hue else 1.0)
+        if fire and not no_op and not (gray and adjust in (TF.adjust_saturation, TF.adjust_hue)):
             image = adjust(image, factor)
     return image
 

@@ -22,10 +22,10 @@ Boxes that stick out of the image are handled when the image is decoded
 (its size is unknown before): they are clipped to the image, and a box left
 with no area (entirely outside) is dropped with a logged warning.
 
-Bad data raises :class:`~featherface.data.errors.DataError` with one line
+Bad data raises :class:`~facedet.data.errors.DataError` with one line
 naming the root, file and line: a missing split or label file, a label file
 that is not UTF-8 text or holds no image or no usable face, a split where not
-one image decodes.  Images are read by :func:`featherface.data.images.read_image`
+one image decodes.  Images are read by :func:`facedet.data.images.read_image`
 (every common format, 8-bit RGB, the pixel limit checked from the header);
 one that cannot be used is skipped, logged and counted in ``skipped``.
 """
@@ -348,7 +348,7 @@ class FaceDataset(Dataset):
     the next readable one. Note that with DataLoader workers, ``skipped`` is
     updated in the workers' copies only.
 
-    ``max_pixels`` is the pixel limit of :func:`featherface.data.images.read_image`
+    ``max_pixels`` is the pixel limit of :func:`facedet.data.images.read_image`
     (default: ``$COMPRESSOR_MAX_PIXELS`` or 40 megapixels), applied to the
     square each image is padded to; larger images are skipped like unreadable ones.
 

@@ -53,8 +53,9 @@ def pad_to_multiple(images: torch.Tensor, multiple: int = 32) -> torch.Tensor:
     the network saw around the image during training. Record each image's
     original (H, W) before padding and pass them to detect(image_sizes=...):
     boxes are decoded against the padded size, and only the original size
-    tells detect where to clip them. Padding bottom/right only keeps the
-    pixel coordinates of the original image unchanged.
+    tells detect where to clip them (and which lie wholly in the padding).
+    Padding bottom/right only keeps the pixel coordinates of the original
+    image unchanged.
     """
     if multiple <= 0:
         raise ValueError(f"multiple must be positive, got {multiple}")

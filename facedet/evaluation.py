@@ -19,6 +19,8 @@ The official protocol (MATLAB toolbox and its widely used Python port) is:
 The general-purpose core (:func:`image_pr_counts`, :func:`average_precision`,
 :func:`voc_ap`) knows nothing about WIDER FACE, so the same code also gives a
 single AP on any other set of images with optional ``ignore`` flags.
+:func:`average_precision_all_points` is the VOC variant of the same matching:
+raw scores, every distinct score a threshold.
 :func:`evaluate_widerface` only adapts the WIDER FACE files to that core.
 
 Files that cannot be evaluated as they are raise :class:`WiderFaceInputError`
@@ -52,6 +54,7 @@ __all__ = [
     "WiderFaceGroundTruth",
     "WiderFaceInputError",
     "average_precision",
+    "average_precision_all_points",
     "check_predictions_known",
     "evaluate_widerface",
     "evaluate_widerface_predictions",
@@ -168,6 +171,22 @@ def _match_sorted(
     return is_proposal, first_recall
 
 
+def _ranked_flags(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    gt: np.ndarray,
+    ignore: np.ndarray,
+    iou_threshold: float,
+    box_offset: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's scores in descending order with :func:`_match_sorted`'s flags in that order."""
+    # Stable sort: ties keep their input order, as the reference (which
+    # relies on files already sorted by score) does.
+    order = np.argsort(-scores, kind="stable")
+    is_proposal, first_recall = _match_sorted(boxes[order], gt, ignore, iou_threshold, box_offset)
+    return scores[order], is_proposal, first_recall
+
+
 def image_pr_counts(
     pred_boxes_xyxy: np.ndarray,
     pred_scores: np.ndarray,
@@ -191,12 +210,7 @@ def image_pr_counts(
     ignore = _ignore_mask(gt_ignore_mask, gt.shape[0])
     if boxes.shape[0] != scores.shape[0]:
         raise ValueError(f"{boxes.shape[0]} boxes but {scores.shape[0]} scores")
-
-    # Stable sort: ties keep their input order, as the reference (which
-    # relies on files already sorted by score) does.
-    order = np.argsort(-scores, kind="stable")
-    boxes, scores = boxes[order], scores[order]
-    is_proposal, first_recall = _match_sorted(boxes, gt, ignore, iou_threshold, box_offset)
+    scores, is_proposal, first_recall = _ranked_flags(boxes, scores, gt, ignore, iou_threshold, box_offset)
 
     # Number of predictions with score >= t, for every t at once: -scores is
     # ascending, and -s <= -t  <=>  s >= t.
@@ -226,7 +240,12 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     mpre = np.concatenate(([0.0], np.asarray(precision, dtype=np.float64), [0.0]))
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
     changes = np.flatnonzero(mrec[1:] != mrec[:-1])
-    return float(np.sum((mrec[changes + 1] - mrec[changes]) * mpre[changes + 1]))
+    # The same sum of rectangles, regrouped by where the envelope drops:
+    # sum (r[j] - r[j-1]) * p[j] = sum r[j] * (p[j] - p[j+1]).  Summing recall
+    # differences would round (a perfect detector on 452 faces scored
+    # 0.9999999999999999); here it gives exactly 1 * (1 - 0).
+    levels, heights = mrec[changes + 1], mpre[changes + 1]
+    return float(np.sum(levels * (heights - np.append(heights[1:], 0.0))))
 
 
 def score_range(score_arrays: Iterable[np.ndarray]) -> tuple[float, float]:
@@ -291,15 +310,47 @@ def average_precision(
     return _ap_from_counts(proposals, tp, num_faces)
 
 
+def average_precision_all_points(
+    images: Iterable[ImageRecord],
+    iou_threshold: float = 0.5,
+    box_offset: float = 0.0,
+) -> float:
+    """AP of a detector over a set of images, VOC style: every distinct score is a threshold.
+
+    Images are given as for :func:`average_precision`, but the raw scores are
+    used as they are (no normalisation, no fixed grid of thresholds): the
+    predictions of all images form one ranked list, and the precision-recall
+    curve has one point per distinct score (tied predictions enter together),
+    under which :func:`voc_ap` takes the all-point area.  Matching is the same
+    greedy one (a second prediction on a recalled face is a false positive).
+    """
+    ranked_scores, proposals, recalls = [np.zeros(0)], [np.zeros(0, dtype=bool)], [np.zeros(0, dtype=bool)]
+    num_faces = 0
+    for boxes, scores, gt, ignore in (_as_record(image) for image in images):
+        num_faces += int(np.count_nonzero(~ignore))
+        ranked, is_proposal, first_recall = _ranked_flags(boxes, scores, gt, ignore, iou_threshold, box_offset)
+        ranked_scores.append(ranked)
+        proposals.append(is_proposal)
+        recalls.append(first_recall)
+    scores = np.concatenate(ranked_scores)
+    # Stable, so that within an image the matching order above is kept.
+    order = np.argsort(-scores, kind="stable")
+    scores = scores[order]
+    cum_proposals = np.cumsum(np.concatenate(proposals)[order], dtype=np.int64)
+    cum_tp = np.cumsum(np.concatenate(recalls)[order], dtype=np.int64)
+    # One point per threshold: the last prediction of each run of equal scores, where all of them are in.
+    last = np.flatnonzero(np.append(scores[1:] != scores[:-1], scores.size > 0))
+    return _ap_from_counts(cum_proposals[last], cum_tp[last], num_faces)
+
+
 def _as_record(image: ImageRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     boxes, scores, gt, ignore = image
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     gt = np.asarray(gt, dtype=np.float64).reshape(-1, 4)
-    return (
-        np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
-        np.asarray(scores, dtype=np.float64).reshape(-1),
-        gt,
-        _ignore_mask(ignore, gt.shape[0]),
-    )
+    if boxes.shape[0] != scores.shape[0]:
+        raise ValueError(f"{boxes.shape[0]} boxes but {scores.shape[0]} scores")
+    return boxes, scores, gt, _ignore_mask(ignore, gt.shape[0])
 
 
 def _ap_from_counts(proposals: np.ndarray, tp: np.ndarray, num_faces: int) -> float:

@@ -52,7 +52,7 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.io import encode_jpeg, write_png
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-from featherface.data.widerface import NUM_LANDMARKS, FaceDataset, Sample, format_label_file
+from facedet.data.widerface import NUM_LANDMARKS, FaceDataset, Sample, format_label_file
 
 __all__ = [
     "DATASET_VERSION",

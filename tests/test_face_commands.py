@@ -1,4 +1,5 @@
-"""The FeatherFace commands: eval-widerface, eval, detect, sensitivity."""
+"""The face-detector commands (any family with the RetinaFace output contract): eval-widerface, eval, detect,
+sensitivity."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from compressor.cli import cli
-from featherface.data import generate_embedded_dataset
+from facedet.data import generate_embedded_dataset
 
 
 def invoke(*args: str):
@@ -50,7 +51,7 @@ def test_eval_writes_predictions_and_reports_ap(tiny_data, checkpoint, tmp_path)
     assert 0.0 <= metrics["ap"] <= 1.0 and metrics["val_images"] == 3
     files = sorted(pred.rglob("*.txt"))
     assert len(files) == 3
-    from featherface.evaluation import read_prediction_file
+    from facedet.evaluation import read_prediction_file
 
     name, boxes = read_prediction_file(files[0])
     assert name == files[0].stem and boxes.shape[1] == 5
@@ -63,6 +64,42 @@ def test_detect_draws_an_annotated_png(tiny_data, checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == Image.open(image).size
     assert isinstance(json.loads(result.output), list)
+
+
+@pytest.mark.parametrize("family_model, network_size", [("retinaface", (70, 90)), ("featherface", (96, 96))])
+def test_detect_runs_at_the_image_size_padding_only_when_the_family_needs_it(family_model, network_size, checkpoint,
+                                                                             tmp_path, monkeypatch):
+    import facedet.detect
+
+    seen, real_detect = [], facedet.detect.detect
+
+    def spy(model, images, **kwargs):
+        seen.append((tuple(images.shape[-2:]), kwargs["image_sizes"]))
+        return real_detect(model, images, **kwargs)
+
+    monkeypatch.setattr(facedet.detect, "detect", spy)
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (90, 70), (90, 120, 150)).save(image)
+    out = tmp_path / "annotated.png"
+    model = "retinaface" if family_model == "retinaface" else str(checkpoint)
+    result = invoke("detect", model, str(image), "--out", str(out), "--threshold", "0.0", "--json")
+    assert result.exit_code == 0, result.output
+    assert seen == [(network_size, [(70, 90)])]
+    assert Image.open(out).size == (90, 70)
+    boxes = [face["box"] for face in json.loads(result.output)]
+    assert boxes and all(0 <= x1 < x2 <= 90 and 0 <= y1 < y2 <= 70 for x1, y1, x2, y2 in boxes)
+
+
+def test_detect_real_retinaface_on_a_real_photo(reference_dir, tmp_path):
+    photo = reference_dir / "real_photos" / "annotated" / "val" / "images" / "2008_002470.jpg"
+    out = tmp_path / "annotated.png"
+    result = invoke("detect", str(reference_dir / "retinaface_mnet025_widerface.pth"), str(photo), "--out", str(out),
+                    "--json")
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == Image.open(photo).size
+    faces = json.loads(result.output)
+    assert faces and all(face["score"] >= 0.5 for face in faces)
+    assert Image.open(out).tobytes() != Image.open(photo).convert("RGB").tobytes()  # boxes drawn
 
 
 def test_detect_on_a_file_that_is_not_an_image(checkpoint, tmp_path):
@@ -88,10 +125,12 @@ def test_sensitivity_opens_a_recipe_like_run_does(tmp_path):
     """The recipe's plugins are loaded and its stages checked, through the same path as `compress run`."""
     toy = Path(__file__).parent / "fixtures" / "toy_passes.py"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"plugins: [{toy}]\ninput_size: 64\nstages:\n  - pass: scale_heads\n")
+    # Two families are registered, so the recipe names its own.
+    recipe.write_text(f"plugins: [{toy}]\nmodel: {{family: featherface}}\ninput_size: 64\n"
+                      "stages:\n  - pass: scale_heads\n")
     result = invoke("sensitivity", str(recipe), "--ratios", "0.25", "--components", "cbam", "--json")
     assert result.exit_code == 0, result.output
     assert [r["component"] for r in json.loads(result.output)] == ["cbam"]
-    recipe.write_text("input_size: 64\nstages:\n  - pass: scale_heads\n")  # without the plugin: unknown pass
+    recipe.write_text("model: {family: featherface}\ninput_size: 64\nstages:\n  - pass: scale_heads\n")  # no plugin
     result = invoke("sensitivity", str(recipe), "--ratios", "0.25", "--components", "cbam")
     assert result.exit_code == 2 and "stages[0].pass: unknown pass 'scale_heads'" in result.output

@@ -1,4 +1,4 @@
-"""Running a FeatherFace model and turning its raw outputs into detections.
+"""Running a face detector (the RetinaFace output contract) and turning its raw outputs into detections.
 
 `postprocess` is a pure function of the model outputs so evaluation code can
 reuse it on stored outputs; `detect` only adds the forward pass around it.
@@ -69,13 +69,15 @@ def _clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tenso
 
 
 def _candidates(scores: torch.Tensor, conf_threshold: float, top_k: int) -> torch.Tensor:
-    """Indices of priors above the threshold, best first, at most top_k.
+    """Indices of priors above the threshold, best first (ties in prior order), at most top_k.
 
-    Capping before NMS bounds its quadratic cost on cluttered images.
+    Capping before NMS bounds its quadratic cost on cluttered images.  The
+    order of tied scores must not depend on which other priors pass the
+    threshold (topk's does): a detector's confident faces must come out the
+    same at any lower threshold, or it would not agree with itself.
     """
     (above,) = torch.nonzero(scores > conf_threshold, as_tuple=True)
-    count = min(top_k, above.numel())
-    best = torch.topk(scores[above], count, sorted=True).indices
+    best = torch.sort(scores[above], descending=True, stable=True).indices[:top_k]
     return above[best]
 
 
@@ -98,15 +100,24 @@ def _postprocess_one(
     points = decode_landmarks(landmarks[idx], priors[idx], variances)
     points = points * _pixel_scale(input_size, 5, landmarks)
     kept_scores = scores[idx]
-
-    # nms returns indices by decreasing score, so slicing keeps the best.
-    keep = nms(boxes, kept_scores, nms_threshold)[:keep_top_k]
-    boxes, kept_scores, points = boxes[keep], kept_scores[keep], points[keep]
-    # Clip after NMS so suppression sees the same boxes as the original
-    # implementation; landmarks stay unclipped, a point outside is still
-    # the model's best estimate.
+    # Landmarks stay unclipped: a point outside is still the model's best estimate.
     if image_size is not None:
+        # Clip before NMS, so that suppression judges the boxes as they are
+        # reported: two boxes that differ only outside the image are one
+        # detection, not two identical ones.  A box wholly in the padding
+        # clips to a line on the image's border: no detection, only an
+        # artefact of padding.
         boxes = _clip_boxes(boxes, image_size)
+        inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, kept_scores, points = boxes[inside], kept_scores[inside], points[inside]
+
+    # The candidates are ranked already; NMS gets that rank as its scores so
+    # that tied scores are visited in this order (torchvision does not
+    # promise a stable sort).  It returns indices best first, so slicing
+    # keeps the best.
+    rank = torch.arange(len(boxes), 0, -1, dtype=boxes.dtype, device=boxes.device)
+    keep = nms(boxes, rank, nms_threshold)[:keep_top_k]
+    boxes, kept_scores, points = boxes[keep], kept_scores[keep], points[keep]
     return Detections(boxes=boxes, scores=kept_scores, landmarks=points)
 
 
@@ -128,7 +139,9 @@ def postprocess(
 
     `input_size` is the network input's (H, W), padding included, because the
     priors and hence the decoded boxes are normalised by it. `image_sizes`
-    holds each image's (h, w) before padding, used only to clip boxes.
+    holds each image's (h, w) before padding: boxes are clipped to it before
+    NMS, and those left without area (wholly in the padding) are dropped.
+    Tied scores keep the priors' order.
     """
     priors = priors.to(device=bbox.device)
     _check_outputs(bbox, conf_logits, landmarks, priors)
@@ -181,7 +194,8 @@ def detect(
     """Detect faces in a preprocessed N×3×H×W batch (see preprocess.py).
 
     Boxes and landmarks come back in pixels of the input; pass the
-    pre-padding (h, w) of each image as `image_sizes` to clip boxes to it.
+    pre-padding (h, w) of each image as `image_sizes` to clip boxes to it
+    (and drop those wholly in the padding).
     Priors are rebuilt from the input size unless given (pass them to avoid
     recomputing for a fixed input size).
     """

@@ -44,7 +44,7 @@ def training_batches(
 
     Not a generator itself: the data is opened and checked when this is
     called (a bad root, label file or images, or fewer usable images than one
-    batch per process, raise :class:`~featherface.data.DataError` here), and
+    batch per process, raise :class:`~facedet.data.DataError` here), and
     the returned iterator only yields.
     """
     if batch_size <= 0:

@@ -14,11 +14,11 @@ MOBILENET_V1_025_STRIDES = ((2, 1, 2, 1, 2, 1), (2, 1, 1, 1, 1, 1), (2, 1))
 
 
 class ConvBNLeaky(nn.Module):
-    """3x3 conv (no bias), BN, LeakyReLU(0.1): the stem layer."""
+    """Conv (no bias, "same" padding), BN, LeakyReLU(0.1): the stem layer, and the FPN's layers."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel_size: int = 3) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
         self.act = nn.LeakyReLU(0.1)
 

@@ -1,0 +1,181 @@
+"""What the face-detector families share in the engine's family interface.
+
+A face detector here is MobileNetV1 body -> neck -> heads with the RetinaFace
+output contract: ``(boxes N x P x 4, class logits N x P x 2, landmarks N x P x 10)``
+over the priors of :mod:`facedet.priors`.  Everything that follows from that
+contract (specs, counting by top-level attribute, the protected head convs,
+image-like example inputs, training batches with and without labels, the
+multibox and distillation losses, AP, agreement AP) is written once here; a
+family subclass names its model type, its components and how it reads its
+original checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from compressor.errors import UsageError
+from compressor.family import ModelFamily
+from facedet import training
+from facedet.agreement import agreement_ap
+from facedet.data import DataError, image_files, unlabelled_batches
+from facedet.modules import UnifiedHeads
+from facedet.original import CheckpointError, load_pretrained_backbone
+from facedet.preprocess import to_network_input
+from facedet.spec import SpecError, from_spec, to_spec
+
+
+class FaceDetectorFamily(ModelFamily):
+    """A family of face detectors with the RetinaFace output contract (see the module docstring)."""
+
+    metric = "ap"
+    agreement_metric = "agreement_ap"
+    default_data = "the embedded face dataset (generated on first use; nothing is downloaded)"
+    supports_training = True
+
+    #: The family's model class (the spec root).
+    model_type: ClassVar[type[nn.Module]]
+    #: Top-level attribute of the model -> accounting component.
+    component_map: ClassVar[dict[str, str]]
+    #: Input sides must be multiples of this (1: any size).
+    size_multiple: ClassVar[int] = 1
+
+    def recognises(self, model: nn.Module) -> bool:
+        return isinstance(model, self.model_type)
+
+    def build(self, spec: dict[str, Any]) -> nn.Module:
+        try:
+            model = from_spec(spec)
+        except SpecError as err:
+            raise UsageError(f"architecture spec: {err}") from err
+        if not isinstance(model, self.model_type):
+            raise UsageError(f"architecture spec: describes a {type(model).__name__}, "
+                             f"not a {self.model_type.__name__} (family {self.name})")
+        return model
+
+    def spec_of(self, model: nn.Module) -> dict[str, Any]:
+        return to_spec(model)
+
+    def component_of(self, parameter_name: str) -> str:
+        return self.component_map.get(parameter_name.split(".", 1)[0], "other")
+
+    def output_layers(self, model: nn.Module) -> list[nn.Module]:
+        heads = model.heads
+        if isinstance(heads, UnifiedHeads):
+            return list(heads.convs)
+        return [*heads.class_convs, *heads.box_convs, *heads.landmark_convs]
+
+    def load_original(self, state: Mapping[str, Tensor]) -> nn.Module | None:
+        """The model from an original implementation's (unwrapped) state_dict; None when it is not one."""
+        return None
+
+    def load_native(self, content: object, source: str) -> nn.Module | None:
+        from facedet.original import read_state_dict
+
+        if not isinstance(content, Mapping):
+            return None
+        try:
+            state = read_state_dict(content)
+        except CheckpointError:
+            return None  # not a state_dict at all: some other family's format
+        try:
+            return self.load_original(state)
+        except CheckpointError as err:
+            raise UsageError(f"{source}: {err}") from err
+
+    def check_input_size(self, height: int, width: int) -> None:
+        m = self.size_multiple
+        if height <= 0 or width <= 0 or height % m or width % m:
+            what = f"positive multiples of {m}" if m > 1 else "positive"
+            raise UsageError(f"input size {height}x{width}: both sides must be {what} for family {self.name}")
+
+    def example_input(self, height: int, width: int, batch_size: int = 2, seed: int = 0) -> Tensor:
+        # Smooth, image-like content (upsampled noise in 0..255) rather than white
+        # noise, so attention and BN statistics see something like real pixels.
+        generator = torch.Generator().manual_seed(seed)
+        coarse = torch.rand(batch_size, 3, max(height // 8, 1), max(width // 8, 1), generator=generator) * 255
+        image = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+        return to_network_input(image)
+
+    def load_pretrained(self, model: nn.Module, content: object, source: str) -> None:
+        try:
+            load_pretrained_backbone(model.backbone, content)
+        except CheckpointError as err:
+            raise UsageError(f"{source}: {err}") from err
+
+    def training_batches(self, data_root: Path | None, input_size: tuple[int, int], batch_size: int, seed: int,
+                         rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> Iterator:
+        """The data is opened and checked here, eagerly; bad data is a UsageError, now or at any ``next()``."""
+        try:
+            batches = training.training_batches(data_root, _square(input_size), batch_size, seed, rank, world_size,
+                                                device or "cpu")
+        except DataError as err:  # the root, a label file, the images, a batch larger than the data
+            raise UsageError(str(err)) from err
+        return _data_errors_as_usage(batches)
+
+    def list_images(self, images: Path) -> list[Path]:
+        try:
+            return image_files(images)
+        except DataError as err:  # missing, or no jpg/png in it
+            raise UsageError(str(err)) from err
+
+    def unlabelled_batches(self, images: Path, input_size: tuple[int, int], batch_size: int, seed: int,
+                           rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> Iterator:
+        """Every image is decoded here, eagerly; bad data is a UsageError, now or at any ``next()``."""
+        try:
+            batches = unlabelled_batches(images, _square(input_size), batch_size, seed, rank, world_size,
+                                         device or "cpu")
+        except DataError as err:  # the folder, an unreadable image
+            raise UsageError(str(err)) from err
+        return _data_errors_as_usage(batches)
+
+    def task_loss(self, outputs: Any, targets: Any, input_size: tuple[int, int]) -> dict[str, Tensor]:
+        return training.task_loss(outputs, targets, input_size)
+
+    def distillation_loss(self, student_outputs: Any, teacher_outputs: Any, temperature: float) -> dict[str, Tensor]:
+        return training.distillation_loss(student_outputs, teacher_outputs, temperature)
+
+    def evaluate(self, model: nn.Module, data_root: Path | None, input_size: tuple[int, int],
+                 device: torch.device | None = None) -> dict[str, float]:
+        try:
+            metrics = training.evaluate_ap(model, data_root, _square(input_size), device or "cpu")
+        except DataError as err:  # the root, a label file, the images, a split without faces
+            raise UsageError(str(err)) from err
+        return {"ap": metrics["ap"]}
+
+    def agreement(self, model: nn.Module, reference: nn.Module, images: Path,
+                  device: torch.device | None = None) -> dict[str, float]:
+        """AP of ``model``'s detections against ``reference``'s as ground truth, each image at its own size.
+
+        ``reference`` may be of another face family (a teacher checkpoint): the
+        photos are padded to a multiple that suits both.
+        """
+        multiple = math.lcm(self.size_multiple, *(family.size_multiple for family in FaceDetectorFamily.__subclasses__()
+                                                  if isinstance(reference, family.model_type)))
+        # DataError: the folder, an unreadable image, a reference that finds no face (agreement undefined).
+        try:
+            result = agreement_ap(model, reference, image_files(images), size_multiple=multiple,
+                                  device=device or "cpu")
+        except DataError as err:
+            raise UsageError(str(err)) from err
+        return {self.agreement_metric: result.ap, "images": float(result.images),
+                "reference_faces": float(result.reference_faces)}
+
+
+def _data_errors_as_usage(batches: Iterator) -> Iterator:
+    # An image that breaks later (deleted, rewritten) must not become a traceback mid-run either.
+    try:
+        yield from batches
+    except DataError as err:
+        raise UsageError(str(err)) from err
+
+
+def _square(input_size: tuple[int, int]) -> int:
+    """Training and evaluation resize to squares; a non-square recipe size uses its longer side."""
+    return max(input_size)
