@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +79,8 @@ def run_fold(args: argparse.Namespace, photos: list[Path], fold: int) -> dict:
         for photo in members:
             (folder / photo.name).symlink_to(photo.resolve())
     held_dir, override = work / "held_out", f"data.images={(work / 'train').resolve()}"
+    for stale_run in (work / "run", work / "run_no_finetune"):
+        shutil.rmtree(stale_run, ignore_errors=True)  # this script's own folders: measure afresh
 
     started = time.monotonic()
     compress("run", str(args.recipe), "--out", str(work / "run"), "--set", override, "--quiet")

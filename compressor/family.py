@@ -157,8 +157,13 @@ class ModelFamily(ABC):
         """The supervised loss; ``"loss"`` is the total to minimise."""
         raise NotImplementedError
 
-    def distillation_loss(self, student_outputs: Any, teacher_outputs: Any, temperature: float) -> dict[str, Tensor]:
-        """The loss that pulls a student's outputs towards a teacher's; ``"loss"`` is the total."""
+    def distillation_loss(self, student_outputs: Any, teacher_outputs: Any, temperature: float,
+                          without_labels: bool = False) -> dict[str, Tensor]:
+        """The loss that pulls a student's outputs towards a teacher's; ``"loss"`` is the total.
+
+        ``without_labels``: no task loss accompanies it (finetuning on images without labels), so the
+        teacher is the only signal and the family may weigh the loss's terms for that.
+        """
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, data_root: Path | None, input_size: tuple[int, int],

@@ -239,8 +239,8 @@ def train(
                         teacher_outputs = _forward(teacher, teacher, images,
                                                    f"{where}: the teacher's forward refused non-finite values at {at}",
                                                    "", rollback)
-                    kd = config.distill_weight * family.distillation_loss(outputs, teacher_outputs,
-                                                                          config.temperature)["loss"]
+                    kd = config.distill_weight * family.distillation_loss(
+                        outputs, teacher_outputs, config.temperature, without_labels=targets is None)["loss"]
                     loss = kd if loss is None else loss + kd
         except FloatingPointError as err:  # one the family's loss raised
             rollback.restore()

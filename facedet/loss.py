@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -291,13 +292,16 @@ class DistillationLoss(nn.Module):
     """Teacher → student loss on raw detector outputs.
 
     * class: KL(teacher ‖ student) between softmax(logits / T), summed over
-      classes and over all priors, scaled by T² (Hinton et al.) so its
-      gradient magnitude does not shrink as T grows, and divided by the
-      number of priors the teacher calls a face (softmax at T=1, class 1 ≥
+      classes, scaled by T² (Hinton et al.) so its gradient magnitude does
+      not shrink as T grows, and with ``class_normaliser="priors"`` averaged
+      over all priors; with ``"faces"`` summed over the priors and divided by
+      the number the teacher calls a face (softmax at T=1, class 1 ≥
       `confidence`; at least 1).  Faces hold about one prior in a thousand:
-      a mean over all priors would drown them in easy background, while this
-      count weighs the class term like the regression terms below (as the
-      multibox loss normalises by its matched priors);
+      the mean drowns them in easy background, which is right beside a task
+      loss that supervises them, and wrong when the teacher is the only
+      signal (finetuning without labels), where the face count weighs the
+      class term like the regression terms below (as the multibox loss
+      normalises by its matched priors);
     * box / landmark: smooth-L1 between raw regressions, only on priors the
       teacher calls a face — regressions on background priors are untrained
       noise not worth copying — normalised by that count; zero when there is
@@ -313,10 +317,12 @@ class DistillationLoss(nn.Module):
         box_weight: float = 1.0,
         landmark_weight: float = 1.0,
         confidence: float = 0.5,
+        class_normaliser: Literal["priors", "faces"] = "priors",
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        self.class_normaliser = class_normaliser
         self.temperature = temperature
         self.class_weight = class_weight
         self.box_weight = box_weight
@@ -333,7 +339,7 @@ class DistillationLoss(nn.Module):
 
         with _float32_region(s_box.device):
             confident = t_conf.softmax(dim=-1)[..., 1] >= self.confidence
-            cls = self._soft_class_loss(s_conf, t_conf) / confident.sum().clamp(min=1)
+            cls = self._soft_class_loss(s_conf, t_conf, confident)
             box = _masked_smooth_l1(s_box, t_box, confident)
             landmark = _masked_smooth_l1(s_landmarks, t_landmarks, confident)
             total = (
@@ -341,9 +347,11 @@ class DistillationLoss(nn.Module):
             )
         return {"loss": total, "class": cls, "box": box, "landmark": landmark}
 
-    def _soft_class_loss(self, s_conf: torch.Tensor, t_conf: torch.Tensor) -> torch.Tensor:
+    def _soft_class_loss(self, s_conf: torch.Tensor, t_conf: torch.Tensor, confident: torch.Tensor) -> torch.Tensor:
         temperature = self.temperature
         s_log = F.log_softmax(s_conf / temperature, dim=-1)
         t_log = F.log_softmax(t_conf / temperature, dim=-1)
         per_prior = F.kl_div(s_log, t_log, reduction="none", log_target=True).sum(dim=-1)
-        return per_prior.sum() * temperature**2
+        if self.class_normaliser == "faces":
+            return per_prior.sum() * temperature**2 / confident.sum().clamp(min=1)
+        return per_prior.mean() * temperature**2

@@ -85,8 +85,10 @@ def task_loss(outputs: tuple[Tensor, Tensor, Tensor], targets: list[dict[str, Te
 
 
 def distillation_loss(student: tuple[Tensor, Tensor, Tensor], teacher: tuple[Tensor, Tensor, Tensor],
-                      temperature: float) -> dict[str, Tensor]:
-    return DistillationLoss(temperature=temperature)(student, teacher)
+                      temperature: float, without_labels: bool = False) -> dict[str, Tensor]:
+    """Per-prior distillation; without labels its class term is normalised by the teacher's faces (see DistillationLoss)."""
+    normaliser = "faces" if without_labels else "priors"
+    return DistillationLoss(temperature=temperature, class_normaliser=normaliser)(student, teacher)
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from compressor.errors import UsageError
 from compressor.family import ModelFamily
 from compressor.plugins import Registry
 from compressor.session import resolve_device
+from compressor_plugins.face_family import FaceDetectorFamily
 
 
 @click.command("eval-widerface")
@@ -126,8 +127,8 @@ def _check_eval_options(data_root: Path | None, input_size: str | None, pred_dir
 
 
 def _size_multiple(family: ModelFamily) -> int:
-    # Face detector families declare the multiple their input sides need; one that declares none takes any size.
-    return int(getattr(family, "size_multiple", 1))
+    # Face-detector families declare the multiple their input sides need; another family's model takes any size.
+    return family.size_multiple if isinstance(family, FaceDetectorFamily) else 1
 
 
 def _eval_on_photos(loaded: LoadedModel, images_dir: Path, teacher: str | None, registry: Registry,

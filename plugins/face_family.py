@@ -12,7 +12,6 @@ original checkpoints.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -138,8 +137,9 @@ class FaceDetectorFamily(ModelFamily):
     def task_loss(self, outputs: Any, targets: Any, input_size: tuple[int, int]) -> dict[str, Tensor]:
         return training.task_loss(outputs, targets, input_size)
 
-    def distillation_loss(self, student_outputs: Any, teacher_outputs: Any, temperature: float) -> dict[str, Tensor]:
-        return training.distillation_loss(student_outputs, teacher_outputs, temperature)
+    def distillation_loss(self, student_outputs: Any, teacher_outputs: Any, temperature: float,
+                          without_labels: bool = False) -> dict[str, Tensor]:
+        return training.distillation_loss(student_outputs, teacher_outputs, temperature, without_labels)
 
     def evaluate(self, model: nn.Module, data_root: Path | None, input_size: tuple[int, int],
                  device: torch.device | None = None) -> dict[str, float]:
@@ -153,14 +153,12 @@ class FaceDetectorFamily(ModelFamily):
                   device: torch.device | None = None) -> dict[str, float]:
         """AP of ``model``'s detections against ``reference``'s as ground truth, each image at its own size.
 
-        ``reference`` may be of another face family (a teacher checkpoint): the
-        photos are padded to a multiple that suits both.
+        ``reference`` is a model of this family (the engine passes the starting
+        model); `compress eval --against` pads for two families itself.
         """
-        multiple = math.lcm(self.size_multiple, *(family.size_multiple for family in FaceDetectorFamily.__subclasses__()
-                                                  if isinstance(reference, family.model_type)))
         # DataError: the folder, an unreadable image, a reference that finds no face (agreement undefined).
         try:
-            result = agreement_ap(model, reference, image_files(images), size_multiple=multiple,
+            result = agreement_ap(model, reference, image_files(images), size_multiple=self.size_multiple,
                                   device=device or "cpu")
         except DataError as err:
             raise UsageError(str(err)) from err

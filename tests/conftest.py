@@ -15,6 +15,18 @@ def reference_dir() -> Path:
     return REFERENCE
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of small forwards: on a shared 2-core machine, OpenMP
+    threads spinning against other processes make each small forward tens of times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """A checkpoint of ours holding the FeatherFace baseline (random weights)."""

@@ -384,13 +384,16 @@ def test_distillation_matches_kl_div_reference() -> None:
     box, landmarks = torch.zeros(2, 5, 4), torch.zeros(2, 5, 10)
     out = DistillationLoss(temperature=3.0)([box, s_conf, landmarks], [box, t_conf, landmarks])
     p = F.softmax(t_conf / 3, -1)
+    per_prior = (p * (p.log() - F.log_softmax(s_conf / 3, -1))).sum(-1) * 9
+    assert out["class"].item() == pytest.approx(per_prior.mean().item(), rel=1e-5)
     faces = int((F.softmax(t_conf, -1)[..., 1] >= 0.5).sum())
     assert faces > 1  # the normaliser below is not the clamp
-    reference = (p * (p.log() - F.log_softmax(s_conf / 3, -1))).sum(-1).sum() * 9 / faces
-    assert out["class"].item() == pytest.approx(reference.item(), rel=1e-5)
+    by_faces = DistillationLoss(temperature=3.0, class_normaliser="faces")([box, s_conf, landmarks],
+                                                                          [box, t_conf, landmarks])
+    assert by_faces["class"].item() == pytest.approx(per_prior.sum().item() / faces, rel=1e-5)
 
 
-def test_distillation_class_term_is_normalised_by_the_teachers_faces_not_all_priors() -> None:
+def test_distillation_without_labels_normalises_the_class_term_by_the_teachers_faces() -> None:
     # 1 face prior among 1,000: the same per-prior disagreement costs as much as
     # with 1 prior in all, instead of a thousandth of it.
     t_conf = torch.tensor([4.0, 0.0]).repeat(1, 1000, 1)  # background everywhere...
@@ -398,7 +401,7 @@ def test_distillation_class_term_is_normalised_by_the_teachers_faces_not_all_pri
     s_conf = t_conf.clone()
     s_conf[0, 0] = torch.tensor([4.0, 0.0])
     zeros = [torch.zeros(1, 1000, 4), torch.zeros(1, 1000, 10)]
-    many = DistillationLoss()([zeros[0], s_conf, zeros[1]], [zeros[0], t_conf, zeros[1]])["class"]
-    one = DistillationLoss()([zeros[0][:, :1], s_conf[:, :1], zeros[1][:, :1]],
-                             [zeros[0][:, :1], t_conf[:, :1], zeros[1][:, :1]])["class"]
+    loss = DistillationLoss(class_normaliser="faces")
+    many = loss([zeros[0], s_conf, zeros[1]], [zeros[0], t_conf, zeros[1]])["class"]
+    one = loss([zeros[0][:, :1], s_conf[:, :1], zeros[1][:, :1]], [zeros[0][:, :1], t_conf[:, :1], zeros[1][:, :1]])["class"]
     assert many.item() == pytest.approx(one.item(), rel=1e-6) and one.item() > 1

@@ -34,14 +34,7 @@ from facedet.spec import from_spec, to_spec
 HEAD_OUT = {"class_convs": 4, "box_convs": 8, "landmark_convs": 20}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The graph is traced with small forwards; on a shared 2-core machine OpenMP
-    # threads spinning against other processes make each one ~50x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _alive(model: nn.Module, seed: int = 0) -> nn.Module:

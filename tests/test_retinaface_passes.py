@@ -40,13 +40,7 @@ BASELINE = {"backbone": 213_072, "fpn": 103_040, "ssh": 104_256, "heads": 6_240,
 ODD = (61, 93)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small forwards on a shared 2-core machine: spinning OpenMP threads cost more than they give.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
