@@ -1,31 +1,52 @@
-"""Baseline FeatherFace vs the compressed V2, measured side by side in one run.
+"""Baseline FeatherFace vs the compressed V2, in PyTorch eager and ONNX Runtime (fp32, int8), side by side in one run.
 
     python benchmarks/compare.py [--baseline featherface] [--v2 RUN_DIR_OR_CHECKPOINT]
-                                 [--sizes 640,320] [--threads 1,2] [--runs 20] [--warmup 5]
-                                 [--macs-size 640] [--out benchmarks/results]
+                                 [--runtimes eager,onnx,int8] [--sizes 640,320] [--threads 1,2]
+                                 [--runs 20] [--warmup 5] [--rounds 3] [--macs-size 640]
+                                 [--artifacts DIR] [--calibration-images DIR] [--out benchmarks/results]
 
-For each model: parameters (total and per component), MACs at 640x640 batch 1
-(with the deformable sampling MACs apart, as ``count_macs`` reports them), CPU
-latency (median of ``--runs`` batch-1 forwards after ``--warmup``) at every size
-and thread count, and the peak resident memory of those forwards.
+For each model: parameters (total and per component) and MACs at 640x640 batch 1
+(with the deformable sampling MACs apart, as ``count_macs`` reports them); then
+for each runtime, CPU latency (median of ``--runs`` batch-1 forwards after
+``--warmup``, and their 90th percentile) at every size and thread count, the
+peak resident memory of those forwards, and the size of the file the runtime runs.
+
+The runtimes:
+
+* ``eager``: the PyTorch model (checkpoint or family baseline), ``torch.set_num_threads(N)``;
+* ``onnx``: ``python -m compressor export SOURCE --format onnx --input-size SxS``, one static
+  export per (model, size), run by :class:`compressor.onnx_model.OnnxModel` (ONNX Runtime,
+  CPUExecutionProvider, ``intra_op_num_threads=N``);
+* ``int8``: the same command with ``--int8`` (static post-training quantization).
+
+The exports run once per (model, size), in subprocesses, before any timing;
+their files go to a temporary folder deleted at the end, or to ``--artifacts``.
+An export or quantization that fails is recorded as that cell's one-line
+reason ("n/a: ..." in the table) and the run carries on.
 
 Every measurement runs in a fresh child process (this script again, in a hidden
 ``--measure-one`` mode that prints one JSON line), so that:
 
-* peak RSS (``ru_maxrss``) belongs to one model at one size and nothing else;
-* one model's warmed caches, allocator pools and OpenMP thread pool cannot help
-  or hinder the next;
-* the thread count is set before torch creates its thread pool.
+* peak RSS (``ru_maxrss``) belongs to one model at one size in one runtime and nothing else;
+* one model's warmed caches, allocator pools and thread pools cannot help or hinder the next;
+* the thread count is set before torch or ONNX Runtime creates its thread pool.
 
-A model's first child also counts its parameters and MACs, after it has read
-its memory figures (a MAC-counting forward at 640 would otherwise set the peak).
+Both runtimes are timed by the same loop (:func:`time_forwards`).  Each model's
+parameters, MACs and checkpoint size come from one more child (hidden
+``--count-one``) before anything is timed; it also checks every size, so a bad
+size fails at once.
+
+The whole matrix is measured ``--rounds`` times, round after round, and within
+a round the models alternate inside each (size, threads, runtime), so a change
+in the machine's load falls on every cell alike.  A cell reports the median
+over rounds of each process's median (and the lowest of those medians).
 
 The parent only orchestrates: it never imports torch and blocks while a child
-runs, so no spinning OpenMP threads of its own compete with the measurement,
-and its small RSS cannot leak into a child's ``ru_maxrss`` through fork+exec.
+runs, so no spinning threads of its own compete with the measurement, and its
+small RSS cannot leak into a child's ``ru_maxrss`` through fork+exec.
 
 Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` and prints the
-markdown.  Exit codes: 0 ok, 1 a measurement failed, 2 bad input.
+markdown.  Exit codes: 0 ok (cells marked n/a included), 1 a measurement failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -36,10 +57,12 @@ import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
@@ -49,7 +72,14 @@ DEFAULT_V2 = REPO / "runs" / "v2"
 V2_RECIPE = REPO / "recipes" / "v2.yaml"
 MACS_SIZE = 640
 MEASURE_ONE = "--measure-one"
+COUNT_ONE = "--count-one"
 MIB = 1024 * 1024
+RUNTIMES = ("eager", "onnx", "int8")
+RUNTIME_LABELS = {"eager": "PyTorch eager", "onnx": "ONNX Runtime fp32", "int8": "ONNX Runtime int8"}
+#: The file each ONNX runtime's export is written to, after ``<model>_<size>``.
+EXPORT_SUFFIXES = {"onnx": ".onnx", "int8": ".int8.onnx"}
+#: The size and thread count of the README's headline speed-ups (when measured; else the first of each).
+HEADLINE_SIZE, HEADLINE_THREADS = 640, 1
 BUILT_V2 = "recipes/v2.yaml --no-finetune (built in a temporary folder, deleted after the run)"
 UNTRAINED_NOTE = ("V2 built from recipes/v2.yaml with --no-finetune on a freshly initialised baseline: "
                   "its weights are untrained (latency, MACs and memory do not depend on the weights)")
@@ -83,6 +113,14 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _runtime_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in RUNTIMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {','.join(RUNTIMES)}")
+    return list(dict.fromkeys(names))  # in the order given, each once
+
+
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -103,25 +141,37 @@ def _positive(text: str) -> int:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = _OneLineParser(
         prog="compare.py",
-        description="Measure the baseline and the compressed V2 side by side: parameters, MACs, "
-                    "CPU latency and peak memory, each measurement in a fresh process.")
+        description="Measure the baseline and the compressed V2 side by side in PyTorch eager and ONNX Runtime "
+                    "(fp32, int8): parameters, MACs, file sizes, CPU latency and peak memory, each measurement "
+                    "in a fresh process.")
     parser.add_argument("--baseline", default="featherface",
                         help="family name (its baseline architecture) or a checkpoint (default: featherface)")
     parser.add_argument("--v2", default=None,
                         help=f"V2 run folder or checkpoint (default: {DEFAULT_V2.relative_to(REPO)}; when that is "
                              "missing, the architecture is built with `compress run recipes/v2.yaml --no-finetune`)")
+    parser.add_argument("--runtimes", type=_runtime_list, default=list(RUNTIMES),
+                        help="what runs the models: eager (PyTorch), onnx (ONNX Runtime, fp32 export), int8 "
+                             "(ONNX Runtime, int8 export) (default: eager,onnx,int8)")
     parser.add_argument("--sizes", type=_int_list, default=[640, 320], help="square input sides (default: 640,320)")
     parser.add_argument("--threads", type=_int_list, default=[1, 2], help="CPU thread counts (default: 1,2)")
     parser.add_argument("--macs-size", type=_positive, default=MACS_SIZE,
                         help=f"square input side for the MAC count (default: {MACS_SIZE})")
     parser.add_argument("--runs", type=_positive, default=20, help="timed forwards per measurement (default: 20)")
     parser.add_argument("--warmup", type=_non_negative, default=5, help="untimed forwards first (default: 5)")
+    parser.add_argument("--rounds", type=_positive, default=3,
+                        help="times the whole matrix is measured, round after round; a cell reports the median "
+                             "over rounds (default: 3)")
+    parser.add_argument("--artifacts", type=Path, default=None,
+                        help="keep the exported .onnx files (and their records) in this folder (default: a "
+                             "temporary folder, deleted after the run)")
+    parser.add_argument("--calibration-images", type=Path, default=None,
+                        help="int8: a folder of images to calibrate on (default: the family's own data)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
                         help="output folder (default: benchmarks/results)")
     return parser.parse_args(argv)
 
 
-# ------------------------------------------------------- child: one measurement
+# ------------------------------------------------------- children: one measurement
 
 
 def current_rss_bytes() -> int:
@@ -139,44 +189,70 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _count(loaded: Any, macs_size: int) -> dict[str, Any]:
-    """Parameters by component and MACs of one forward at ``macs_size``, batch 1."""
+def time_forwards(model: Any, example: Any, runs: int, warmup: int) -> list[float]:
+    """Wall time in ms of each of ``runs`` forwards after ``warmup`` untimed ones, in eval mode without autograd.
+
+    The loop of ``compressor.accounting.measure_latency``, which returns only the
+    median; this keeps every time (for the p90) and is the one loop both runtimes
+    are timed with.  The caller has set the thread count.
+    """
     import torch
 
-    from compressor import accounting
+    model.eval()
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(example)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(example)
+            times.append((time.perf_counter() - start) * 1000.0)
+    return times
 
-    measured = accounting.measure(loaded.model, loaded.family, (macs_size, macs_size))
-    return {"resolved": loaded.source, "family": loaded.family.name, "params": measured.params.to_dict(),
-            "macs": {"input_size": [macs_size, macs_size], "batch_size": 1, "macs": measured.macs,
-                     "extra": measured.extra_macs},
-            "torch": torch.__version__}
+
+def p90(times: list[float]) -> float:
+    """The 90th percentile, interpolated between the measured times (never beyond the slowest)."""
+    return statistics.quantiles(times, n=10, method="inclusive")[-1] if len(times) > 1 else times[0]
+
+
+def _open_for_timing(source: str, threads: int) -> tuple[Any, Any, str]:
+    """(model, family, runtime) for ``source``: an ``.onnx`` file in ONNX Runtime, anything else in PyTorch."""
+    if source.lower().endswith(".onnx"):
+        import onnxruntime
+
+        from compressor.onnx_model import FAMILY_KEY, OnnxModel
+        from compressor.plugins import load_registry
+
+        model = OnnxModel(Path(source), threads=threads)  # intra_op_num_threads = threads
+        family = load_registry().get_family(model.metadata.get(FAMILY_KEY, "(none)"), where=f"{source}: {FAMILY_KEY}: ")
+        return model, family, f"onnxruntime {onnxruntime.__version__}"
+    import torch
+
+    from compressor.checkpoint import open_model
+
+    loaded = open_model(source)
+    return loaded.model, loaded.family, f"torch {torch.__version__}"
 
 
 def _measure_run(args: argparse.Namespace) -> dict[str, Any]:
-    """Latency and peak RSS of batch-1 forwards of one model at one size on ``args.threads`` threads.
-
-    With ``--count``, parameters and MACs too, but only after the memory has
-    been read: a MAC-counting forward at 640 would otherwise set the peak.
-    """
+    """Latency and peak RSS of batch-1 forwards of one model file at one size on ``args.threads`` threads."""
     import torch
 
     # Before anything else touches torch's intra-op pool, so it is created with this size.
     torch.set_num_threads(args.threads)
-    from compressor import accounting
-    from compressor.checkpoint import open_model
-
-    loaded = open_model(args.source)
-    for size in args.check_sizes + [args.size]:  # fail before minutes of timing, not after
-        loaded.family.check_input_size(size, size)
-    loaded.family.example_input(args.size, args.size, batch_size=1)  # warm what building an input costs
-    # The reference point: interpreter, torch and plugins imported, model and input in memory.
+    model, family, runtime = _open_for_timing(args.source, args.threads)
+    family.check_input_size(args.size, args.size)
+    example = family.example_input(args.size, args.size, batch_size=1)  # the input eager and ONNX are given alike
+    # The reference point: interpreter, torch (and ONNX Runtime) imported, model (or session) and input in memory.
     after_load = current_rss_bytes()
     peak_before_forwards = peak_rss_bytes()
-    measured = accounting.measure(loaded.model, loaded.family, (args.size, args.size), macs=False,
-                                  latency_runs=args.runs, latency_warmup=args.warmup, threads=args.threads)
+    times = time_forwards(model, example, args.runs, args.warmup)
     peak = peak_rss_bytes()
-    result: dict[str, Any] = {
-        "latency": measured.latency.to_dict(),
+    return {
+        "runtime": runtime,
+        "latency": {"median_ms": statistics.median(times), "p90_ms": p90(times), "min_ms": min(times),
+                    "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
+                    "input_size": [args.size, args.size], "batch_size": 1},
         "memory": {
             "peak_rss_mib": peak / MIB,
             "rss_after_load_mib": after_load / MIB,
@@ -186,29 +262,61 @@ def _measure_run(args: argparse.Namespace) -> dict[str, Any]:
             "peak_set_by_forwards": peak > peak_before_forwards,
         },
     }
-    if args.count:
-        result["count"] = _count(loaded, args.macs_size)
-    return result
 
 
-def measure_one(argv: list[str]) -> int:
-    """The hidden child mode: measure one model at one size and thread count, print JSON on one line."""
-    parser = _OneLineParser(prog="compare.py --measure-one")
+def _checkpoint_size(loaded: Any) -> dict[str, Any]:
+    """The bytes of the checkpoint eager loads; a family's baseline has none, so one is saved to measure."""
+    path = Path(loaded.source)
+    if path.is_file():
+        return {"bytes": path.stat().st_size, "file": str(path), "saved_for_benchmark": False}
+    from compressor.checkpoint import save_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="compare-checkpoint-") as folder:
+        saved = Path(folder) / "baseline.pt"
+        save_checkpoint(saved, loaded.model, loaded.family)
+        return {"bytes": saved.stat().st_size, "file": None, "saved_for_benchmark": True}
+
+
+def _count_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Parameters by component, MACs of one forward at ``macs_size`` (batch 1) and the checkpoint's size."""
+    import torch
+
+    from compressor import accounting
+    from compressor.checkpoint import open_model
+
+    loaded = open_model(args.source)
+    for size in args.check_sizes + [args.macs_size]:  # fail before minutes of exports and timing, not after
+        loaded.family.check_input_size(size, size)
+    measured = accounting.measure(loaded.model, loaded.family, (args.macs_size, args.macs_size))
+    try:
+        import onnxruntime
+        ort_version: str | None = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {"resolved": loaded.source, "family": loaded.family.name, "params": measured.params.to_dict(),
+            "macs": {"input_size": [args.macs_size, args.macs_size], "batch_size": 1, "macs": measured.macs,
+                     "extra": measured.extra_macs},
+            "checkpoint": _checkpoint_size(loaded),
+            "versions": {"torch": torch.__version__, "onnxruntime": ort_version}}
+
+
+def child_main(mode: str, argv: list[str]) -> int:
+    """The hidden child modes: measure one (model, size, threads), or count one model; print JSON on one line."""
+    parser = _OneLineParser(prog=f"compare.py {mode}")
     parser.add_argument("--source", required=True)
-    parser.add_argument("--size", type=_positive, required=True)
-    parser.add_argument("--threads", type=_positive, required=True)
-    parser.add_argument("--runs", type=_positive, required=True)
-    parser.add_argument("--warmup", type=_non_negative, required=True)
-    parser.add_argument("--check-sizes", type=_int_list, default=[])
-    parser.add_argument("--count", action="store_true")
-    parser.add_argument("--macs-size", type=_positive, default=MACS_SIZE)
+    if mode == MEASURE_ONE:
+        parser.add_argument("--size", type=_positive, required=True)
+        parser.add_argument("--threads", type=_positive, required=True)
+        parser.add_argument("--runs", type=_positive, required=True)
+        parser.add_argument("--warmup", type=_non_negative, required=True)
+    else:
+        parser.add_argument("--check-sizes", type=_int_list, default=[])
+        parser.add_argument("--macs-size", type=_positive, default=MACS_SIZE)
     args = parser.parse_args(argv)
     from compressor.errors import CompressorError
 
     try:
-        if args.count:
-            args.check_sizes.append(args.macs_size)
-        result = _measure_run(args)
+        result = _measure_run(args) if mode == MEASURE_ONE else _count_run(args)
     except CompressorError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
@@ -227,17 +335,21 @@ def _child_env(threads: int | None) -> dict[str, str]:
     return env
 
 
-def run_child(args: list[str], threads: int | None, what: str) -> dict[str, Any]:
-    """Run this script in ``--measure-one`` mode and return its JSON.
+def _last_line(done: subprocess.CompletedProcess) -> str:
+    """A failed command's reason: its last line on stderr, without the ``error:`` prefix."""
+    lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+    return lines[-1].removeprefix("error: ").removeprefix("Error: ")
+
+
+def run_child(mode: str, args: list[str], threads: int | None, what: str) -> dict[str, Any]:
+    """Run this script in a hidden child mode and return its JSON.
 
     ``subprocess.run`` blocks: the parent sleeps while the child measures.
     """
-    command = [sys.executable, str(Path(__file__).resolve()), MEASURE_ONE, *args]
+    command = [sys.executable, str(Path(__file__).resolve()), mode, *args]
     done = subprocess.run(command, capture_output=True, text=True, env=_child_env(threads))
     if done.returncode != 0:
-        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-        message = lines[-1].removeprefix("error: ")
-        raise BenchmarkError(f"{what}: {message}", 2 if done.returncode == 2 else 1)
+        raise BenchmarkError(f"{what}: {_last_line(done)}", 2 if done.returncode == 2 else 1)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
         raise BenchmarkError(f"{what}: the measuring process printed no result", 1)
@@ -290,8 +402,7 @@ def build_untrained_v2(workdir: Path) -> str:
                "--out", str(out), "--set", "model.checkpoint=null"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
-        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-        raise BenchmarkError(f"building V2 from {V2_RECIPE.relative_to(REPO)}: {lines[-1]}", 1)
+        raise BenchmarkError(f"building V2 from {V2_RECIPE.relative_to(REPO)}: {_last_line(done)}", 1)
     print(f"note: {UNTRAINED_NOTE}", file=sys.stderr)
     return str(out)
 
@@ -304,30 +415,155 @@ class Model:
     notes: list[str]
 
 
-def measure_all(models: list[Model], args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    """Every (size, threads) for every model, each in its own child.
+@dataclass
+class Export:
+    """One exported file (or why there is none) for one (model, runtime, size)."""
 
-    The models alternate inside each (size, threads) so that a change in the
-    machine's load during the run falls on both alike.  Each model's first
-    child also counts its parameters and MACs (after its own measurement) and
-    checks every size, so a bad size fails at once.
+    path: Path
+    seconds: float
+    bytes: int | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self, keep_path: bool) -> dict[str, Any]:
+        if self.error is not None:
+            return {"file": self.path.name, "error": self.error, "seconds": self.seconds}
+        # The metadata holds the whole architecture spec: `compress inspect FILE.onnx` shows it.
+        record = {k: v for k, v in self.record.items() if k not in ("metadata", "path", "source")}
+        return {"file": self.path.name, "path": str(self.path) if keep_path else None, "bytes": self.bytes,
+                "seconds": self.seconds, "record": record}
+
+
+def export_command(model: Model, runtime: str, size: int, folder: Path,
+                   calibration_images: Path | None) -> tuple[list[str], Path]:
+    """The project's export command for ``runtime`` at ``size``x``size`` (static), and the file it writes."""
+    out = folder / f"{model.key}_{size}{EXPORT_SUFFIXES[runtime]}"
+    command = [sys.executable, "-m", "compressor", "export", model.source, "--format", "onnx",
+               "--input-size", f"{size}x{size}", "--out", str(out)]
+    if runtime == "int8":
+        command.append("--int8")
+        if calibration_images is not None:
+            command += ["--calibration-images", str(calibration_images)]
+    return command, out
+
+
+def export_one(model: Model, runtime: str, size: int, folder: Path, calibration_images: Path | None) -> Export:
+    """Run the export in a subprocess; a failure becomes the export's one-line ``error``, not an exception."""
+    command, out = export_command(model, runtime, size, folder, calibration_images)
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    seconds = round(time.perf_counter() - started, 1)
+    if done.returncode != 0:
+        return Export(out, seconds, error=f"export{' --int8' if runtime == 'int8' else ''}: {_last_line(done)}")
+    if not out.is_file():
+        return Export(out, seconds, error=f"export: exit status 0 but no file at {out}")
+    record_file = out.with_name(out.name + ".json")  # compressor.export.record_path
+    try:
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    return Export(out, seconds, bytes=out.stat().st_size, record=record if isinstance(record, dict) else {})
+
+
+def export_all(models: list[Model], args: argparse.Namespace, folder: Path) -> dict[tuple[str, str, int], Export]:
+    """Every ONNX runtime's file for every (model, size), before any timing (exports load the machine)."""
+    exports: dict[tuple[str, str, int], Export] = {}
+    runtimes = [r for r in args.runtimes if r in EXPORT_SUFFIXES]
+    if not runtimes:
+        return exports
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"exporting ({', '.join(RUNTIME_LABELS[r] for r in runtimes)}) into {folder}:", file=sys.stderr)
+    for model in models:
+        for size in args.sizes:
+            for runtime in runtimes:
+                export = export_one(model, runtime, size, folder, args.calibration_images)
+                exports[(model.key, runtime, size)] = export
+                outcome = (f"n/a: {export.error}" if export.error is not None
+                           else f"{export.bytes:,} bytes")
+                print(f"  {model.label} {RUNTIME_LABELS[runtime]} at {size}x{size}: {outcome} "
+                      f"({export.seconds:.0f} s)", file=sys.stderr)
+    return exports
+
+
+Cell = tuple[str, str, int, int]  # (model key, runtime, size, threads)
+
+
+def measure_all(models: list[Model], args: argparse.Namespace,
+                exports: dict[tuple[str, str, int], Export]) -> tuple[dict[Cell, list[dict[str, Any]]], dict[Cell, str]]:
+    """Every (size, threads, runtime) for every model, ``args.rounds`` times, each in its own child.
+
+    The rounds measure the whole matrix one after another, and within a round
+    the models alternate inside each (size, threads, runtime), so that a change
+    in the machine's load during the run falls on every cell alike.  Returns each
+    cell's per-round results and the one-line reason of each cell that has none:
+    an export that failed, or an ONNX Runtime measurement that failed (then it
+    is not tried again).  A failing eager measurement stops the run.
     """
-    results: dict[str, list[dict[str, Any]]] = {m.key: [] for m in models}
+    results: dict[Cell, list[dict[str, Any]]] = {}
+    failed: dict[Cell, str] = {}
+    for round_index in range(1, args.rounds + 1):
+        print(f"round {round_index}/{args.rounds} (each measurement in a fresh process):", file=sys.stderr)
+        for size in args.sizes:
+            for threads in args.threads:
+                for runtime in args.runtimes:
+                    for model in models:
+                        cell = (model.key, runtime, size, threads)
+                        what = f"{model.label} {RUNTIME_LABELS[runtime]} at {size}x{size}, {_threads(threads)}"
+                        export = exports.get((model.key, runtime, size))
+                        if export is not None and export.error is not None:
+                            failed.setdefault(cell, export.error)
+                        if cell in failed:
+                            continue
+                        source = model.source if export is None else str(export.path)
+                        child_args = ["--source", source, "--size", str(size), "--threads", str(threads),
+                                      "--runs", str(args.runs), "--warmup", str(args.warmup)]
+                        try:
+                            result = run_child(MEASURE_ONE, child_args, threads, what)
+                        except BenchmarkError as err:
+                            if runtime == "eager":
+                                raise
+                            failed[cell] = str(err).removeprefix(f"{what}: ")
+                            print(f"  {what}: n/a: {failed[cell]}", file=sys.stderr)
+                            continue
+                        results.setdefault(cell, []).append(result)
+                        print(f"  {what}: {result['latency']['median_ms']:.1f} ms, "
+                              f"peak RSS {result['memory']['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+    return results, failed
+
+
+def aggregate(rounds: list[dict[str, Any]], size: int, threads: int) -> dict[str, Any]:
+    """One cell over its rounds: the median of the per-process medians (and the lowest), p90 and memory likewise."""
+    lat = [r["latency"] for r in rounds]
+    mem = [r["memory"] for r in rounds]
+    medians = [entry["median_ms"] for entry in lat]
+    return {
+        "size": size,
+        "threads": threads,
+        "latency": {"median_ms": statistics.median(medians), "min_median_ms": min(medians),
+                    "p90_ms": statistics.median(entry["p90_ms"] for entry in lat),
+                    "threads": threads, "runs": lat[0]["runs"], "warmup": lat[0]["warmup"], "rounds": len(rounds),
+                    "input_size": [size, size], "batch_size": 1},
+        "memory": {"peak_rss_mib": statistics.median(m["peak_rss_mib"] for m in mem),
+                   "rss_after_load_mib": statistics.median(m["rss_after_load_mib"] for m in mem),
+                   "forward_peak_over_load_mib": statistics.median(m["forward_peak_over_load_mib"] for m in mem),
+                   "peak_set_by_forwards": all(m["peak_set_by_forwards"] for m in mem)},
+        "per_round": [{"median_ms": entry["median_ms"], "p90_ms": entry["p90_ms"], "min_ms": entry["min_ms"],
+                       "peak_rss_mib": m["peak_rss_mib"]} for entry, m in zip(lat, mem)],
+    }
+
+
+def cells_of(key: str, runtime: str, args: argparse.Namespace, results: dict[Cell, list[dict[str, Any]]],
+             failed: dict[Cell, str]) -> list[dict[str, Any]]:
+    """One runtime's cells for one model, in (size, threads) order; a cell without results carries its ``error``."""
+    cells = []
     for size in args.sizes:
         for threads in args.threads:
-            for model in models:
-                child_args = ["--source", model.source, "--size", str(size), "--threads", str(threads),
-                              "--runs", str(args.runs), "--warmup", str(args.warmup)]
-                if not results[model.key]:
-                    child_args += ["--count", "--macs-size", str(args.macs_size),
-                                   "--check-sizes", ",".join(map(str, args.sizes))]
-                what = f"{model.label} at {size}x{size}, {_threads(threads)}"
-                result = run_child(child_args, threads, what)
-                result.update(size=size, threads=threads)
-                results[model.key].append(result)
-                print(f"  {what}: {result['latency']['median_ms']:.1f} ms, "
-                      f"peak RSS {result['memory']['peak_rss_mib']:.0f} MiB", file=sys.stderr)
-    return results
+            cell = (key, runtime, size, threads)
+            if cell in results:
+                cells.append(aggregate(results[cell], size, threads))
+            else:
+                cells.append({"size": size, "threads": threads, "error": failed.get(cell, "not measured")})
+    return cells
 
 
 def cpu_model() -> str:
@@ -360,9 +596,11 @@ def usable_cores() -> int | None:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def environment(torch_version: str, argv: list[str], started: datetime, load: list[float] | None) -> dict[str, Any]:
+def environment(versions: dict[str, str | None], argv: list[str], started: datetime,
+                load: list[float] | None) -> dict[str, Any]:
     return {
-        "torch": torch_version,
+        "torch": versions["torch"],
+        "onnxruntime": versions.get("onnxruntime"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_model": cpu_model(),
@@ -370,6 +608,7 @@ def environment(torch_version: str, argv: list[str], started: datetime, load: li
         "usable_cores": usable_cores(),
         # A busy machine slows every number; the load before the run says whether it was quiet.
         "load_average_at_start": load,
+        "load_average_at_end": load_average(),
         "date": started.isoformat(timespec="seconds"),
         "command": command_line(argv),
     }
@@ -381,7 +620,7 @@ def command_line(argv: list[str]) -> str:
 
 
 def speedups(baseline: list[dict[str, Any]], v2: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Baseline median / V2 median per (size, threads): above 1 means V2 is faster."""
+    """Baseline median / V2 median per (size, threads), both in eager: above 1 means V2 is faster."""
     v2_by_key = {(r["size"], r["threads"]): r for r in v2}
     rows = []
     for base in baseline:
@@ -389,6 +628,45 @@ def speedups(baseline: list[dict[str, Any]], v2: list[dict[str, Any]]) -> list[d
         ratio = base["latency"]["median_ms"] / other["latency"]["median_ms"]
         rows.append({"size": base["size"], "threads": base["threads"], "speedup": ratio})
     return rows
+
+
+def ratio(reference: dict[str, Any] | None, cell: dict[str, Any] | None) -> float | None:
+    """reference median / cell median (above 1: the cell is faster), None when either was not measured."""
+    if not reference or not cell or "latency" not in reference or "latency" not in cell:
+        return None
+    return reference["latency"]["median_ms"] / cell["latency"]["median_ms"]
+
+
+def runtime_speedups(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every (model, runtime, size, threads) against the baseline in eager, and int8 against its model's fp32 ONNX."""
+    def cell(key: str, runtime: str, size: int, threads: int) -> dict[str, Any] | None:
+        runtimes = report["models"][key]["runtimes"]
+        if runtime not in runtimes:
+            return None
+        return next(c for c in runtimes[runtime]["cells"] if (c["size"], c["threads"]) == (size, threads))
+
+    rows = []
+    for key, model in report["models"].items():
+        for runtime, entry in model["runtimes"].items():
+            for measured in entry["cells"]:
+                size, threads = measured["size"], measured["threads"]
+                row = {"model": key, "runtime": runtime, "size": size, "threads": threads,
+                       "vs_baseline_eager": ratio(cell("baseline", "eager", size, threads), measured)}
+                if runtime == "int8":
+                    row["vs_onnx_fp32"] = ratio(cell(key, "onnx", size, threads), measured)
+                rows.append(row)
+    return rows
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The README's two speed-ups: V2 int8 against the baseline eager and against V2 fp32 ONNX Runtime."""
+    settings = report["settings"]
+    size = HEADLINE_SIZE if HEADLINE_SIZE in settings["sizes"] else settings["sizes"][0]
+    threads = HEADLINE_THREADS if HEADLINE_THREADS in settings["threads"] else settings["threads"][0]
+    row = next((r for r in report["speedups"] if (r["model"], r["runtime"], r["size"], r["threads"])
+                == ("v2", "int8", size, threads)), {})
+    return {"size": size, "threads": threads, "v2_int8_vs_baseline_eager": row.get("vs_baseline_eager"),
+            "v2_int8_vs_v2_onnx_fp32": row.get("vs_onnx_fp32")}
 
 
 # ------------------------------------------------------------------ markdown
@@ -411,6 +689,10 @@ def _macs_cell(macs: dict[str, Any]) -> str:
     return f"{_g(macs['macs'])} + {_g(extra)} deformable sampling" if extra else _g(macs["macs"])
 
 
+def _na(reason: str) -> str:
+    return f"n/a: {reason}".replace("|", "\\|")  # a table cell
+
+
 def markdown(report: dict[str, Any]) -> str:
     base, v2 = report["models"]["baseline"], report["models"]["v2"]
     lines = [
@@ -418,15 +700,10 @@ def markdown(report: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: |",
         f"| parameters | {base['params']['total']:,} | {v2['params']['total']:,} | "
         f"{_change(base['params']['total'], v2['params']['total'])} |",
+        _macs_row(base["macs"], v2["macs"]),
+        "",
     ]
-    lines.append(_macs_row(base["macs"], v2["macs"]))
-    speedup = {(s["size"], s["threads"]): s["speedup"] for s in report["speedup"]}
-    runs = report["settings"]["runs"]
-    for b, v in zip(base["latency"], v2["latency"]):
-        lines.append(f"| CPU latency {b['size']}×{b['size']}, {_threads(b['threads'])}, median of {runs} | "
-                     f"{b['latency']['median_ms']:.1f} ms | {v['latency']['median_ms']:.1f} ms | "
-                     f"{speedup[(b['size'], b['threads'])]:.2f}× speed-up |")
-    lines.extend(_memory_rows(base["latency"], v2["latency"], report["settings"]["threads"][0]))
+    lines += _latency_table(report) + [""] + _headline_lines(report) + [""] + _files_table(report)
     lines += ["", "| parameters by component | baseline | V2 |", "| --- | ---: | ---: |"]
     for name, count in base["params"]["components"].items():
         lines.append(f"| {name} | {count:,} | {v2['params']['components'].get(name, 0):,} |")
@@ -440,19 +717,113 @@ def _macs_row(base: dict[str, Any], v2: dict[str, Any]) -> str:
             f"{_change(base['macs'], v2['macs'])} ({with_sampling} with sampling) |")
 
 
-def _memory_rows(base: list[dict[str, Any]], v2: list[dict[str, Any]], threads: int) -> list[str]:
-    """Peak RSS per size at the first thread count (every count is in the JSON)."""
-    rows = []
-    for b, v in zip(base, v2):
-        if b["threads"] != threads:
-            continue
-        bm, vm = b["memory"], v["memory"]
-        size = f"{b['size']}×{b['size']}, {_threads(threads)}"
-        rows.append(f"| peak RSS of the process, {size} | {bm['peak_rss_mib']:.0f} MiB | "
-                    f"{vm['peak_rss_mib']:.0f} MiB | {_change(bm['peak_rss_mib'], vm['peak_rss_mib'])} |")
-        rows.append(f"| of which forwards, over RSS after load, {size} | {_forward_mib(bm)} | {_forward_mib(vm)} | "
-                    f"{_change(bm['forward_peak_over_load_mib'], vm['forward_peak_over_load_mib'])} |")
-    return rows
+def _rows(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(model key, runtime, the runtime's entry) in table order: by model, then runtime."""
+    return [(key, runtime, entry) for key, model in report["models"].items()
+            for runtime, entry in model["runtimes"].items()]
+
+
+def _latency_table(report: dict[str, Any]) -> list[str]:
+    settings = report["settings"]
+    columns = [(s, t) for s in settings["sizes"] for t in settings["threads"]]
+    by_cell = {(r["model"], r["runtime"], r["size"], r["threads"]): r for r in report["speedups"]}
+    lines = [f"CPU latency, batch 1: median over {settings['rounds']} round(s) of each process's median of "
+             f"{settings['runs']} forwards (after {settings['warmup']} warm-up). (N×): speed-up against the "
+             "baseline in PyTorch eager at the same size and threads; int8 also against the same model's "
+             "ONNX Runtime fp32.",
+             "",
+             "| model | runtime | " + " | ".join(f"{s}×{s}, {_threads(t)}" for s, t in columns) + " |",
+             "| --- | --- |" + " ---: |" * len(columns)]
+    for key, runtime, entry in _rows(report):
+        cells = []
+        for measured in entry["cells"]:
+            if "error" in measured:
+                cells.append(_na(measured["error"]))
+                continue
+            row = by_cell[(key, runtime, measured["size"], measured["threads"])]
+            factors = []
+            if not (key == "baseline" and runtime == "eager") and row["vs_baseline_eager"] is not None:
+                factors.append(f"{row['vs_baseline_eager']:.2f}×")
+            if row.get("vs_onnx_fp32") is not None:
+                factors.append(f"{row['vs_onnx_fp32']:.2f}× vs fp32")
+            extra = f" ({'; '.join(factors)})" if factors else ""
+            cells.append(f"{measured['latency']['median_ms']:.1f} ms{extra}")
+        lines.append(f"| {report['models'][key]['label']} | {entry['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _headline_lines(report: dict[str, Any]) -> list[str]:
+    head = report["headline"]
+    where = f"at {head['size']}, {_threads(head['threads'])}"
+
+    def factor(value: float | None, needs: list[tuple[str, str]]) -> str:
+        if value is not None:
+            return f"{value:.2f}×"
+        reasons = [_missing(report, key, runtime, head["size"], head["threads"]) for key, runtime in needs]
+        return _na("; ".join(r for r in reasons if r))
+
+    return [f"- V2 int8 (ONNX Runtime) vs baseline eager {where}: "
+            f"{factor(head['v2_int8_vs_baseline_eager'], [('v2', 'int8'), ('baseline', 'eager')])}",
+            f"- V2 int8 vs V2 fp32 ONNX Runtime {where}: "
+            f"{factor(head['v2_int8_vs_v2_onnx_fp32'], [('v2', 'int8'), ('v2', 'onnx')])}"]
+
+
+def _missing(report: dict[str, Any], key: str, runtime: str, size: int, threads: int) -> str:
+    """Why a cell has no latency ('' when it has one), for a headline that cannot be computed."""
+    model = report["models"][key]
+    entry = model["runtimes"].get(runtime)
+    if entry is None:
+        return f"{model['label']} {RUNTIME_LABELS[runtime]} not measured (--runtimes)"
+    cell = next(c for c in entry["cells"] if (c["size"], c["threads"]) == (size, threads))
+    return f"{model['label']} {RUNTIME_LABELS[runtime]}: {cell['error']}" if "error" in cell else ""
+
+
+def _files_table(report: dict[str, Any]) -> list[str]:
+    """File size, agreement with PyTorch and peak RSS per size at the first thread count (all in the JSON)."""
+    settings = report["settings"]
+    threads = settings["threads"][0]
+    lines = ["File each runtime runs (eager: the checkpoint; ONNX: the export at the first size that exported) and "
+             f"peak RSS of the process at {_threads(threads)} (in brackets: what the forwards added over the "
+             "RSS after load).",
+             "",
+             "| model | runtime | file | max \\|ONNX Runtime − PyTorch\\| | "
+             + " | ".join(f"peak RSS {s}×{s}" for s in settings["sizes"]) + " |",
+             "| --- | --- | ---: | ---: |" + " ---: |" * len(settings["sizes"])]
+    for key, runtime, entry in _rows(report):
+        memory = []
+        for measured in entry["cells"]:
+            if measured["threads"] != threads:
+                continue
+            if "error" in measured:
+                memory.append("n/a")  # the reason is in the latency table
+            else:
+                m = measured["memory"]
+                memory.append(f"{m['peak_rss_mib']:.0f} MiB ({_forward_mib(m)})")
+        lines.append(f"| {report['models'][key]['label']} | {entry['label']} | "
+                     f"{_file_cell(report['models'][key], entry)} | "
+                     f"{_diff_cell(runtime, entry)} | " + " | ".join(memory) + " |")
+    return lines
+
+
+def _file_cell(model: dict[str, Any], entry: dict[str, Any]) -> str:
+    if "exports" not in entry:  # eager
+        checkpoint = model["checkpoint"]
+        note = " (saved for the benchmark: a family's baseline has no file)" if checkpoint["saved_for_benchmark"] else ""
+        return f"{_bytes(checkpoint['bytes'])}{note}"
+    exported = [e for e in entry["exports"] if "error" not in e]
+    return _bytes(exported[0]["bytes"]) if exported else _na(entry["exports"][0]["error"])
+
+
+def _bytes(count: int) -> str:
+    return f"{count / MIB:.2f} MiB ({count:,} bytes)"
+
+
+def _diff_cell(runtime: str, entry: dict[str, Any]) -> str:
+    """The largest difference from PyTorch over every output and size, as the export records report it."""
+    if runtime == "eager":
+        return "—"
+    diffs = [d for e in entry["exports"] if "error" not in e for d in e["record"].get("max_abs_diff", {}).values()]
+    return f"{max(diffs):.2g}" if diffs else "—"
 
 
 def _forward_mib(memory: dict[str, Any]) -> str:
@@ -462,17 +833,22 @@ def _forward_mib(memory: dict[str, Any]) -> str:
 
 
 def markdown_document(report: dict[str, Any], table: str) -> str:
-    env = report["environment"]
+    env, settings = report["environment"], report["settings"]
     notes = [
         f"Command: `{env['command']}`",
         f"{env['date']}, {env['cpu_model']}, {env['usable_cores']} usable core(s), torch {env['torch']}, "
-        f"load average at start {_load(env['load_average_at_start'])}.",
+        f"onnxruntime {env['onnxruntime'] or 'not installed'}, load average at start "
+        f"{_load(env['load_average_at_start'])}, at end {_load(env['load_average_at_end'])}.",
         "",
         table,
         "Each latency and memory figure comes from a fresh process that loads one model and runs "
-        f"{report['settings']['warmup']} warm-up and {report['settings']['runs']} timed batch-1 forwards "
-        "with torch.set_num_threads set to the thread count. Peak RSS is `ru_maxrss` after those forwards; "
-        "\"over RSS after load\" subtracts the resident size measured after imports, model load and input creation. "
+        f"{settings['warmup']} warm-up and {settings['runs']} timed batch-1 forwards on the family's example input, "
+        "with torch.set_num_threads (and, for ONNX Runtime, intra_op_num_threads) set to the thread count; "
+        f"the whole matrix was measured {settings['rounds']} time(s), in rounds, and each figure is the median over "
+        "rounds (the lowest round and p90s are in benchmark.json). The ONNX files are static exports by "
+        "`python -m compressor export --format onnx [--int8] --input-size SxS`, one per size. Peak RSS is "
+        "`ru_maxrss` after those forwards (the process imports torch in every runtime); \"over RSS after load\" "
+        "subtracts the resident size measured after imports, model (or session) load and input creation. "
         "MACs count convolutions and linear layers (BN, activations, pooling, resizing not counted); "
         "the deformable convs' bilinear sampling is given apart.",
     ]
@@ -493,38 +869,71 @@ def collect(args: argparse.Namespace, argv: list[str], workdir: Path) -> dict[st
     started, load = datetime.now(timezone.utc), load_average()  # before any child adds to the load
     baseline_source = _as_source(args.baseline)
     v2_source, v2_notes = resolve_v2(args.v2, workdir)  # a missing --v2 fails here, before any other output
+    if args.calibration_images is not None:
+        if "int8" not in args.runtimes:
+            raise BenchmarkError("--calibration-images is for the int8 runtime, which --runtimes leaves out")
+        if not args.calibration_images.is_dir():
+            raise BenchmarkError(f"--calibration-images {args.calibration_images}: no such folder")
+        args.calibration_images = args.calibration_images.resolve()  # the exports run in the repository root
     warnings = machine_warnings(load, args.threads)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     built = UNTRAINED_NOTE in v2_notes
     models = [Model("baseline", "baseline", baseline_source, []), Model("v2", "V2", v2_source, v2_notes)]
-    print("measuring (each in a fresh process):", file=sys.stderr)
-    measured = measure_all(models, args)
-    counts = take_counts(models, measured, built)
-    torch_version = counts["baseline"].pop("torch")
-    counts["v2"].pop("torch")
+    # Counts first: they check every size, so a bad one fails before minutes of exports.
+    print("counting parameters and MACs:", file=sys.stderr)
+    counts = {m.key: run_child(COUNT_ONE, ["--source", m.source, "--macs-size", str(args.macs_size),
+                                           "--check-sizes", ",".join(map(str, args.sizes))], None, m.label)
+              for m in models}
+    keep = args.artifacts is not None
+    folder = args.artifacts.resolve() if keep else workdir / "artifacts"
+    exports = export_all(models, args, folder)
+    results, failed = measure_all(models, args, exports)
+    note_sources(models, counts, built)
+    versions = counts["baseline"].pop("versions")
+    counts["v2"].pop("versions")
     report: dict[str, Any] = {
-        "settings": {"sizes": args.sizes, "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
-                     "batch_size": 1, "macs_size": args.macs_size},
-        "models": {m.key: {"label": m.label, "source": m.source, "notes": m.notes, **counts[m.key],
-                           "latency": measured[m.key]}
-                   for m in models},
-        "environment": environment(torch_version, argv, started, load),
+        "settings": {"runtimes": args.runtimes, "sizes": args.sizes, "threads": args.threads, "runs": args.runs,
+                     "warmup": args.warmup, "rounds": args.rounds, "batch_size": 1, "macs_size": args.macs_size,
+                     "artifacts": str(folder) if keep else None,
+                     "calibration_images": str(args.calibration_images) if args.calibration_images else None},
+        "models": {},
+        "environment": environment(versions, argv, started, load),
         "warnings": warnings,
     }
-    report["speedup"] = speedups(measured["baseline"], measured["v2"])
+    for model in models:
+        count = counts[model.key]
+        checkpoint = count.pop("checkpoint")
+        runtimes: dict[str, Any] = {}
+        for runtime in args.runtimes:
+            entry: dict[str, Any] = {"label": RUNTIME_LABELS[runtime],
+                                     "cells": cells_of(model.key, runtime, args, results, failed)}
+            if runtime != "eager":
+                entry["exports"] = [{"size": size, **exports[(model.key, runtime, size)].to_dict(keep)}
+                                    for size in args.sizes]
+            runtimes[runtime] = entry
+        report["models"][model.key] = {"label": model.label, "source": model.source, "notes": model.notes, **count,
+                                       "checkpoint": checkpoint, "runtimes": runtimes}
+        if "eager" in runtimes:  # the eager cells under their earlier name, as before the runtimes
+            report["models"][model.key]["latency"] = runtimes["eager"]["cells"]
+    if "eager" in args.runtimes:
+        report["speedup"] = speedups(report["models"]["baseline"]["latency"], report["models"]["v2"]["latency"])
+    report["speedups"] = runtime_speedups(report)
+    report["headline"] = headline(report)
+    report["unavailable"] = [f"{m.label} {RUNTIME_LABELS[r]} at {s}x{s}, {_threads(t)}: {failed[(m.key, r, s, t)]}"
+                             for m in models for r in args.runtimes for s in args.sizes for t in args.threads
+                             if (m.key, r, s, t) in failed]
     return report
 
 
-def take_counts(models: list[Model], measured: dict[str, list[dict[str, Any]]], built: bool) -> dict[str, dict]:
-    """Each model's parameters and MACs (from its first child), with notes on where the model came from."""
-    counts = {m.key: measured[m.key][0].pop("count") for m in models}
+def note_sources(models: list[Model], counts: dict[str, dict[str, Any]], built: bool) -> None:
+    """Notes on where each model came from (in place): a built V2 and an unfinished run folder."""
     if built:  # the temporary path means nothing once the run is over
         counts["v2"]["resolved"] = models[1].source = BUILT_V2
+        counts["v2"]["checkpoint"]["file"] = None
     for model in models:
         if Path(counts[model.key]["resolved"]).parent.name == "checkpoints" and Path(model.source).is_dir():
             model.notes.append(f"{model.source} has no final.pt (unfinished run): measured its last stage checkpoint")
-    return counts
 
 
 def write_outputs(report: dict[str, Any], out: Path) -> str:
@@ -538,8 +947,8 @@ def write_outputs(report: dict[str, Any], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == [MEASURE_ONE]:
-        return measure_one(argv[1:])
+    if argv[:1] in ([MEASURE_ONE], [COUNT_ONE]):
+        return child_main(argv[0], argv[1:])
     args = parse_args(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="compare-v2-") as workdir:
@@ -552,6 +961,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     print(document, end="")
+    for line in report["unavailable"]:
+        print(f"n/a: {line}", file=sys.stderr)
     print(f"wrote {args.out / 'benchmark.json'} and {args.out / 'benchmark.md'}", file=sys.stderr)
     return 0
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 FORMAT = "compressor.checkpoint/1"
 FINAL_NAME = "final.pt"
+ONNX_SUFFIX = ".onnx"
 
 
 def save_checkpoint(
@@ -96,8 +97,13 @@ def _is_run_folder(path: Path) -> bool:
     return (path / FINAL_NAME).is_file() or (path / "checkpoints").is_dir()
 
 
-def open_model(source: str | Path, registry: Registry | None = None) -> LoadedModel:
-    """A model from a family name (its baseline), a run folder or a checkpoint file."""
+def open_model(source: str | Path, registry: Registry | None = None, *, allow_onnx: bool = False) -> LoadedModel:
+    """A model from a family name (its baseline), a run folder or a checkpoint file.
+
+    With ``allow_onnx``, also a ``.onnx`` file ``compress export`` wrote, as an
+    :class:`compressor.onnx_model.OnnxModel`: for commands that only run a model.
+    Without it such a file is refused in one line, since it has no weights to change or count.
+    """
     registry = registry or load_registry()
     text = str(source)
     if text in registry.families and not (Path(text).is_file() or _is_run_folder(Path(text))):
@@ -107,6 +113,13 @@ def open_model(source: str | Path, registry: Registry | None = None) -> LoadedMo
     if not path.exists():
         raise UsageError(f"{source}: neither a file, a run folder nor a model family (families: {', '.join(registry.families)})")
     path = resolve_checkpoint_path(path)
+    if path.suffix.lower() == ONNX_SUFFIX:
+        if not allow_onnx:
+            raise UsageError(f"{path}: an exported ONNX model only runs (compress eval, detect, inspect); "
+                             "this needs the PyTorch checkpoint it was exported from")
+        from .onnx_model import open_onnx  # onnx and onnxruntime are optional, and slow to import
+
+        return open_onnx(path, registry)
     content = read_file(path)
     if isinstance(content, dict) and content.get("format") == FORMAT:
         return _from_own_format(content, path, registry)

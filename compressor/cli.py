@@ -9,16 +9,21 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import accounting
-from .checkpoint import LoadedModel, open_model
+from .checkpoint import LoadedModel, open_model, resolve_checkpoint_path
 from .errors import CompressorError, UsageError
 from .inputs import parse_input_size
+from .onnx_model import OnnxModel
 from .plugins import App, Registry, guarded
+from .quantize import DEFAULT_CALIBRATION_COUNT
 from .session import DEVICES, resolve_device
+
+if TYPE_CHECKING:
+    from .export import ExportRecord
 
 
 def _version() -> str:
@@ -190,9 +195,17 @@ def inspect(model: str | None, input_size: str | None, latency_runs: int, thread
         if len(registry.families) != 1:
             raise UsageError(f"give a MODEL (families: {', '.join(registry.families) or 'none registered'})")
         model = next(iter(registry.families))
-    loaded = open_model(model, registry)
-    size = chosen_input_size(loaded, input_size)
     where = resolve_device(device)
+    loaded = open_model(model, registry, allow_onnx=True)
+    if isinstance(loaded.model, OnnxModel):
+        refused = [option for option, given in (("--input-size", input_size is not None),
+                                                ("--latency-runs", latency_runs > 0), ("--device", where.type != "cpu"))
+                   if given]
+        if refused:
+            raise UsageError(f"{refused[0]} does not apply to an ONNX model: inspect prints what its file holds")
+        _inspect_onnx(loaded, as_json)
+        return
+    size = chosen_input_size(loaded, input_size)
     measurement = accounting.measure(loaded.model.to(where), loaded.family, size, device=where,
                                      latency_runs=latency_runs, threads=threads)
     if as_json:
@@ -214,6 +227,133 @@ def inspect(model: str | None, input_size: str | None, latency_runs: int, thread
         lat = measurement.latency
         click.echo(f"CPU latency: median {lat.median_ms:.1f} ms over {lat.runs} runs "
                    f"(after {lat.warmup} warm-up), {lat.threads} thread(s), batch 1")
+
+
+def _inspect_onnx(loaded: LoadedModel, as_json: bool) -> None:
+    """An exported model's file: its size, opset, input and outputs, and the metadata compress export wrote."""
+    model = loaded.model
+    described = {"model": loaded.source, "family": loaded.family.name, "format": "onnx",
+                 "bytes": Path(loaded.source).stat().st_size, "opset": model.opset,
+                 "input": {"name": model.input_name, "shape": list(model.input_shape)},
+                 "outputs": list(model.output_names), "metadata": model.metadata}
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    shape = " x ".join("?" if d is None else str(d) for d in model.input_shape)
+    click.echo(f"{loaded.source} ({loaded.family.name}, ONNX opset {model.opset}, {format_count(described['bytes'])} "
+               f"bytes)")
+    click.echo(f"input {model.input_name}: {shape} (? = dynamic); outputs: {', '.join(model.output_names)}")
+    click.echo("metadata:")
+    for key, value in model.metadata.items():
+        shown = value if len(value) <= 300 else f"{value[:120]}... ({len(value):,} characters; --json shows all)"
+        click.echo(f"  {key}: {shown}")
+
+
+EXPORT_FORMATS = ("onnx",)
+
+
+@cli.command("export")
+@click.argument("model", metavar="CHECKPOINT | RUN_DIR | FAMILY")
+@click.option("--format", "export_format", type=click.Choice(EXPORT_FORMATS), required=True,
+              help="The file format to write.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The file to write (default: <run folder>/final.onnx for a finished run, else beside the "
+                   "checkpoint of its last stage; <name>.onnx in the current folder for a file or family); its "
+                   "record goes beside it as <file>.json.")
+@input_size_option
+@click.option("--dynamic", is_flag=True,
+              help="Dynamic batch, height and width (slower to export); else fixed at --input-size, batch 1.")
+@click.option("--int8", is_flag=True,
+              help="Write an int8 model (static post-training quantization of the checked float export; "
+                   "default name <name>.int8.onnx).")
+@click.option("--calibration-images", "calibration_images", type=click.Path(path_type=Path), default=None,
+              metavar="DIR", help="With --int8: calibrate on these images (jpg/png, recursively); default: the "
+                                  "model's recipe's data, else the family's default data.")
+@click.option("--calibration-count", type=click.IntRange(min=1, max=10_000), default=DEFAULT_CALIBRATION_COUNT,
+              show_default=True, help="With --int8: how many images calibrate it.")
+@plugin_option
+@json_option
+@handle_errors
+def export_command(model: str, export_format: str, out_path: Path | None, input_size: str | None, dynamic: bool,
+                   int8: bool, calibration_images: Path | None, calibration_count: int,
+                   plugins: tuple[str, ...], as_json: bool) -> None:
+    """Export a model to ONNX, checked in ONNX Runtime against PyTorch before it is written.
+
+    The export (torch.onnx's dynamo exporter, opset 20) is run in ONNX Runtime on
+    the family's example input at --input-size (default: the model's recipe's,
+    else its family's) and every output compared with PyTorch's; a difference
+    above 1e-4 writes nothing and exits 1.  The file's metadata holds the family,
+    the architecture spec, the model's input size and what a runtime needs to
+    use it (input layout and preprocessing, the meaning of each output, the
+    postprocessing); `compress inspect FILE.onnx` prints it, and `compress eval`
+    and `compress detect` run the file.  Without --dynamic the file takes only
+    that input size (any batch: the commands run it image by image); with it,
+    it is also checked on a batch of 2 at twice --input-size, where a graph that
+    still depends on the traced size fails (export at a larger size then).
+
+    Deformable convolutions (torchvision's deform_conv2d, in the baseline's SSH)
+    become ONNX DeformConv, so the runtime must support DeformConv (opset 19);
+    the ssh_slim pass with conv: plain removes them.
+
+    With --int8 the checked float export is quantized with ONNX Runtime's static
+    quantizer (QDQ; activations uint8 per tensor, weights int8 per channel,
+    MinMax calibration) and only the int8 file is written, with a record of both
+    steps beside it.  Convolutions with fewer than 16 input or output channels
+    stay float with their activations: ONNX Runtime's integer kernels are slower
+    than its float ones there, and those thin layers lose the most accuracy.
+    """
+    from .export import export_onnx
+
+    if not int8 and (calibration_images is not None or "calibration_count" in _given_options()):
+        raise UsageError("--calibration-images and --calibration-count need --int8")
+    loaded = open_model(model, registry_from(click.get_current_context(), plugins))
+    size = chosen_input_size(loaded, input_size)
+    if out_path is None:
+        source, suffix = Path(model), (".int8." if int8 else ".") + export_format
+        out_path = (resolve_checkpoint_path(source).with_suffix(suffix) if source.is_dir()
+                    else Path(f"{source.stem}{suffix}"))
+    if not int8:
+        _echo_export(export_onnx(loaded, out_path, input_size=size, dynamic=dynamic), as_json)
+        return
+    from .quantize import export_int8
+
+    data = (loaded.checkpoint.get("recipe") or {}).get("data") or {}
+    images = calibration_images or (Path(data["images"]) if data.get("images") else None)
+    if images is not None and not images.is_dir():
+        where = "--calibration-images" if calibration_images is not None else "the model's recipe's data.images"
+        raise UsageError(f"{where}: no such folder: {images}")
+    calibration = loaded.family.calibration_inputs(Path(data["root"]) if data.get("root") else None, images,
+                                                   size, calibration_count)
+    record = export_int8(loaded, out_path, input_size=size, dynamic=dynamic, calibration=calibration.images,
+                         calibration_from=calibration.source)
+    if as_json:
+        click.echo(record.model_dump_json(indent=2))
+        return
+    quantization = record.quantization
+    click.echo(f"{quantization.path}: {format_count(quantization.bytes)} bytes, int8 ({quantization.quantized_convs} "
+               f"convs int8, {quantization.float_convs} float), calibrated on {quantization.calibration_images} "
+               f"images: {quantization.calibration}; the float export it came from agreed with PyTorch to "
+               f"{max(record.float_model.max_abs_diff.values(), default=0.0):.2g}")
+
+
+def _given_options() -> set[str]:
+    """The command's parameters the user gave on the command line (not their defaults)."""
+    ctx = click.get_current_context()
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
+
+
+def _echo_export(record: ExportRecord, as_json: bool) -> None:
+    """One exported file: the record as JSON, or its path, size and agreement with PyTorch."""
+    if as_json:
+        click.echo(record.model_dump_json(indent=2))
+        return
+    height, width = record.input_size
+    shape = "dynamic batch, height and width" if record.dynamic else f"fixed {height}x{width} input, batch 1"
+    checked = f"{height}x{width}" + (" and twice that" if record.dynamic else "")
+    worst = max(record.max_abs_diff.values(), default=0.0)
+    click.echo(f"{record.path}: {format_count(record.bytes)} bytes, {record.format} opset {record.opset}, {shape}; "
+               f"max |ONNX Runtime - PyTorch| {worst:.2g} at {checked} (tolerance {record.tolerance:g})")
 
 
 def type_name(annotation: Any) -> str:

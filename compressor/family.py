@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import UsageError
+
 
 @dataclass
 class PruningHints:
@@ -50,6 +52,14 @@ class PruningHints:
     context: Callable[[nn.Module], AbstractContextManager] = lambda model: nullcontext()
 
 
+@dataclass
+class Calibration:
+    """Inputs to calibrate a quantization on, and where they came from (for records)."""
+
+    images: list[Tensor]
+    source: str
+
+
 class ModelFamily(ABC):
     """A family of architectures that can be described by a serialisable spec."""
 
@@ -71,6 +81,9 @@ class ModelFamily(ABC):
     agreement_metric: str = ""
     #: How the costs in ``MacCount.extra`` are counted, by kind, for people reading them.
     counting_notes: dict[str, str] = {}
+    #: The names of the model's outputs in exported files (``compress export``), in the order
+    #: the model returns them; empty: ``output0``, ``output1``, ...
+    output_names: tuple[str, ...] = ()
 
     @abstractmethod
     def recognises(self, model: nn.Module) -> bool:
@@ -108,6 +121,14 @@ class ModelFamily(ABC):
     def pruning_hints(self, model: nn.Module) -> PruningHints:
         """What structured pruning must know about this family's special layers in ``model``."""
         return PruningHints()
+
+    def deployment_metadata(self, model: nn.Module) -> dict[str, str]:
+        """What a runtime needs to use ``model``'s exported file without this code, as key -> text.
+
+        Written into the exported file's metadata (ONNX ``metadata_props``): the input's
+        layout and preprocessing, the meaning of each output, the postprocessing.
+        """
+        return {}
 
     def check_input_size(self, height: int, width: int) -> None:
         """Raise :class:`compressor.errors.UsageError` for input sizes the family cannot take."""
@@ -178,3 +199,12 @@ class ModelFamily(ABC):
         The first key is :attr:`agreement_metric`, 1.0 for a model against itself.
         """
         raise NotImplementedError
+
+    def calibration_inputs(self, data_root: Path | None, images: Path | None, input_size: tuple[int, int],
+                           count: int) -> Calibration:
+        """``count`` network inputs (1 x ... each, preprocessed) to calibrate int8 quantization on.
+
+        From the folder ``images`` when given, else from the labelled data at ``data_root``
+        (the family's default data when None).  Bad data is a :class:`compressor.errors.UsageError`.
+        """
+        raise UsageError(f"model family {self.name} provides no calibration data for int8 quantization")

@@ -189,12 +189,26 @@ class TrainRecipe(_RunSettings):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
+class ExportConfig(_Strict):
+    """The deployed artifacts a run ends with, after the final checkpoint: ONNX, and int8 if asked."""
+
+    format: Literal["onnx"] = Field("onnx", description="The exchange format (ONNX, run with ONNX Runtime).")
+    int8: bool = Field(False, description="Also an int8 model (static post-training quantization), final.int8.onnx.")
+    calibration_images: int = Field(32, ge=1, le=10_000, description="With int8: how many images calibrate it.")
+    calibration_data: Path | None = Field(
+        None, description="With int8: a folder of images to calibrate on (relative to the recipe); empty: the "
+        "recipe's data.images, else its labelled training split.")
+    dynamic: bool = Field(False, description="Dynamic batch and image size instead of the recipe's input size.")
+
+
 class Recipe(_RunSettings):
     """A compression recipe."""
 
     finetune: TrainConfig = Field(default_factory=TrainConfig)
     stages: list[Stage] = Field(default_factory=list)
     budget: FinalBudget = Field(default_factory=FinalBudget)
+    export: ExportConfig | None = Field(None, description="Deployed artifacts written after the final model "
+                                        "and measured like it (see `compress export`).")
 
     @pydantic.model_validator(mode="after")
     def _unique_stage_names(self) -> Recipe:
@@ -203,6 +217,13 @@ class Recipe(_RunSettings):
             if stage.label in seen:
                 raise ValueError(f"stages[{index}]: stage name {stage.label!r} is used twice; give it a distinct `name`")
             seen.add(stage.label)
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _exports_measurable(self) -> Recipe:
+        if self.export is not None and self.data.eval_images is not None and not self.export.dynamic:
+            raise ValueError("export.dynamic: false, but data.eval_images measures the exported models on photos "
+                             "at their own sizes: set export.dynamic: true")
         return self
 
     def finetune_for(self, stage: Stage) -> TrainConfig:
@@ -291,6 +312,9 @@ def validate_data(raw: dict, path: Path, text: str | None = None, kind: type[_Ru
         value = getattr(recipe.data, field_name)
         if value is not None and not value.is_absolute():
             setattr(recipe.data, field_name, base / value)
+    export = recipe.export if isinstance(recipe, Recipe) else None
+    if export is not None and export.calibration_data is not None and not export.calibration_data.is_absolute():
+        export.calibration_data = base / export.calibration_data
     settings = recipe.train if isinstance(recipe, TrainRecipe) else recipe.finetune
     if isinstance(settings.teacher, Path):
         settings.teacher = base / settings.teacher  # an absolute path stays as it is
@@ -418,6 +442,9 @@ def check_sources(recipe: Recipe | TrainRecipe, path: Path) -> None:
         value = getattr(recipe.data, field_name)
         if value is not None and not value.is_dir():
             raise UsageError(f"{path}: data.{field_name}: no such folder: {value}")
+    export = recipe.export if isinstance(recipe, Recipe) else None
+    if export is not None and export.calibration_data is not None and not export.calibration_data.is_dir():
+        raise UsageError(f"{path}: export.calibration_data: no such folder: {export.calibration_data}")
     for where, teacher in _teachers(recipe):
         if isinstance(teacher, Path) and not teacher.exists():
             raise UsageError(f"{path}: {where}: no such file or run folder: {teacher}")

@@ -14,6 +14,8 @@ import pydantic
 from pydantic import Field
 
 from .accounting import Measurement, ParameterCount
+from .export import ExportRecord
+from .quantize import QuantizeRecord
 
 RECORD_FORMAT = "compressor.run/1"
 
@@ -161,6 +163,16 @@ class PassEntry(_Record):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class DeployRecord(_Record):
+    """The deployed artifacts of a run (recipe ``export``) and their accuracy, measured as the final model's."""
+
+    onnx: ExportRecord = Field(description="The float ONNX export (as compress export's <file>.json).")
+    int8: QuantizeRecord | None = Field(None, description="The int8 quantization, when asked for.")
+    metrics: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Artifact (onnx, int8) -> the metrics the final model is measured by.")
+    seconds: float = 0.0
+
+
 class RunRecord(_Record):
     """Everything a run knows; ``report.json`` is this, serialised."""
 
@@ -175,6 +187,7 @@ class RunRecord(_Record):
     stages: list[StageRecord]
     final: Measured | None = None
     budget_check: BudgetVerdict | None = None
+    deployed: DeployRecord | None = None
 
     # ------------------------------------------------------------ derived views
 

@@ -180,6 +180,7 @@ def render_markdown(record: RunRecord) -> str:
         lambda: _notes(record),
         lambda: _components_table(record),
         lambda: _budget_section(record),
+        lambda: _deployed_section(record),
         _plots_section,
     ]
     lines = ["# Compression report", ""]
@@ -326,6 +327,29 @@ def _headline(verdict: BudgetVerdict, so_far: str) -> str:
         return (f"**Budget: NOT FULLY CHECKED{so_far}** — {count - len(verdict.unchecked)} of {count} limits met, "
                 f"{len(verdict.unchecked)} not checked ({names})")
     return f"**Budget: PASS{so_far}** — all {count} limits met"
+
+
+def _deployed_section(record: RunRecord) -> list[str]:
+    """The recipe's ``export``: each artifact's file, size, check and metrics, beside the final model's."""
+    deployed = record.deployed
+    if deployed is None:
+        return []
+    metrics = metric_names(record)
+    final = record.final.metrics if record.final is not None else {}
+    onnx, int8 = deployed.onnx, deployed.int8
+    size = "dynamic" if onnx.dynamic else "x".join(map(str, onnx.input_size))
+    rows = [["PyTorch (final.pt)", DASH, DASH, *(_metric(final.get(m)) for m in metrics)],
+            [f"ONNX float32 ({Path(onnx.path).name})", f"{onnx.bytes:,}",
+             f"max |ONNX Runtime - PyTorch| {max(onnx.max_abs_diff.values(), default=0.0):.2e}",
+             *(_metric(deployed.metrics.get("onnx", {}).get(m)) for m in metrics)]]
+    if int8 is not None:
+        rows.append([f"ONNX int8 ({Path(int8.path).name})", f"{int8.bytes:,}",
+                     f"{int8.quantized_convs} convs int8, {int8.float_convs} float (< {int8.float_below_channels} "
+                     f"channels); calibrated on {int8.calibration_images} images",
+                     *(_metric(deployed.metrics.get("int8", {}).get(m)) for m in metrics)])
+    header = ["artifact", "bytes", "check", *metrics]
+    return ["## Deployed", "", f"Exported at opset {onnx.opset}, input {size}, in {deployed.seconds:.0f} s.", "",
+            *_table(header, rows, {1, *range(3, len(header))})]
 
 
 def _plots_section() -> list[str]:

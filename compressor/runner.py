@@ -21,13 +21,16 @@ from torch import nn
 
 from . import accounting
 from .budget import Budget, check_budget
-from .checkpoint import FINAL_NAME, open_model, save_checkpoint
+from .checkpoint import FINAL_NAME, LoadedModel, open_model, save_checkpoint
 from .errors import CheckFailed, UsageError
 from .family import ModelFamily
+from .export import export_onnx
 from .finite import describe_non_finite, non_finite_tensors
+from .onnx_model import OnnxModel
 from .passes import Pass, PassContext, PassResult, check_stages_apply
 from .progress import Progress
-from .record import FinetuneRecord, Measured, RunMode, RunRecord, StageRecord, read_record
+from .quantize import export_int8
+from .record import DeployRecord, FinetuneRecord, Measured, RunMode, RunRecord, StageRecord, read_record
 from .recipe import Recipe, Stage
 from .report import REPORT_JSON, write_report
 from .runfolder import RunFolder
@@ -36,6 +39,9 @@ from .train import distributed, init_distributed, is_main_process, train
 from .validate import contract_violations, forward_eval, non_finite_outputs, output_contract, output_drift
 
 CHECKPOINT_DIR = "checkpoints"
+#: The deployed artifacts of a recipe's ``export``, beside final.pt.
+ONNX_NAME = "final.onnx"
+INT8_NAME = "final.int8.onnx"
 
 
 @dataclass
@@ -131,6 +137,9 @@ def _run(opened: OpenedRecipe, options: RunOptions) -> RunRecord:
         _write(ctx)
 
     if ctx.record.final is not None and (out_dir / FINAL_NAME).is_file():
+        if recipe.export is not None and ctx.record.deployed is None:  # stopped while exporting
+            _deploy(ctx, open_model(out_dir / FINAL_NAME).model)
+            return ctx.record
         progress.echo(f"{out_dir}: run already complete; nothing to do")
         return ctx.record
 
@@ -396,4 +405,40 @@ def _finish(ctx: RunContext, model: nn.Module) -> RunRecord:
     if verdict.unchecked:
         ctx.progress.echo("budget: " + "; ".join(str(v) for v in verdict.unchecked))
     ctx.progress.echo(f"done: {ctx.record.final.params.total:,} parameters -> {ctx.out_dir / FINAL_NAME}")
+    if ctx.recipe.export is not None:
+        _deploy(ctx, model)
     return ctx.record
+
+
+def _deploy(ctx: RunContext, model: nn.Module) -> None:
+    """The recipe's ``export``: final.onnx (and final.int8.onnx), each measured like the final model."""
+    if not is_main_process():
+        return
+    config, out_dir, family = ctx.recipe.export, ctx.out_dir, ctx.family
+    assert config is not None
+    started = time.perf_counter()
+    loaded = LoadedModel(family, model.cpu(), str(out_dir / FINAL_NAME), {"recipe": ctx.record.recipe})
+    onnx_path, int8_path = out_dir / ONNX_NAME, out_dir / INT8_NAME
+    size = tuple(ctx.recipe.input_size)
+    quantized = None
+    if config.int8:
+        data = ctx.recipe.data
+        calibration = family.calibration_inputs(data.root, config.calibration_data or data.images, size,
+                                                config.calibration_images)
+        ctx.progress.echo(f"export: {onnx_path} (checked against PyTorch in ONNX Runtime) and {int8_path} (int8, "
+                          f"calibrated on {len(calibration.images)} images: {calibration.source}) ...")
+        both = export_int8(loaded, int8_path, input_size=size, dynamic=config.dynamic, calibration=calibration.images,
+                           calibration_from=calibration.source, float_out=onnx_path)
+        exported, quantized = both.float_model, both.quantization
+    else:
+        ctx.progress.echo(f"export: {onnx_path} (checked against PyTorch in ONNX Runtime) ...")
+        exported = export_onnx(loaded, onnx_path, input_size=size, dynamic=config.dynamic)
+    metrics = {"onnx": _evaluate(ctx, OnnxModel(onnx_path))}
+    if quantized is not None:
+        metrics["int8"] = _evaluate(ctx, OnnxModel(int8_path))
+    ctx.record.deployed = DeployRecord(onnx=exported, int8=quantized, metrics={k: v for k, v in metrics.items() if v},
+                                       seconds=time.perf_counter() - started)
+    _write(ctx)
+    for artifact, values in ctx.record.deployed.metrics.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if not k.endswith("images") and k != "reference_faces")
+        ctx.progress.echo(f"export: {artifact}: {shown}")

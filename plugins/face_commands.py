@@ -24,6 +24,7 @@ from compressor.cli import (
 )
 from compressor.errors import UsageError
 from compressor.family import ModelFamily
+from compressor.onnx_model import OnnxModel
 from compressor.plugins import Registry
 from compressor.session import resolve_device
 from compressor_plugins.face_family import FaceDetectorFamily
@@ -82,11 +83,14 @@ def eval_model(model: str, data_root: Path | None, input_size: str | None, pred_
     and detections of score above 0.02 (NMS 0.4, at most 750 per photo) are
     scored, all photos pooled, against a reference detector's confident
     faces (--against) or the folder's labels (--labels).
+
+    The model (or the reference) may be a .onnx file from `compress export`,
+    run by ONNX Runtime on the CPU.
     """
     _check_eval_options(data_root, input_size, pred_dir, images_dir, teacher, labels)
     where = resolve_device(device)
     registry = registry_from(click.get_current_context(), plugins)
-    loaded = open_model(model, registry)
+    loaded = _open_runnable(model, registry, where)
     if images_dir is not None:
         _eval_on_photos(loaded, images_dir, teacher, registry, where, as_json)
         return
@@ -126,6 +130,14 @@ def _check_eval_options(data_root: Path | None, input_size: str | None, pred_dir
             raise UsageError(f"{option} does not apply with --images: {why}")
 
 
+def _open_runnable(source: str, registry: Registry, where: torch.device) -> LoadedModel:
+    """A model these commands run: also an exported ONNX model, which computes on the CPU only."""
+    loaded = open_model(source, registry, allow_onnx=True)
+    if isinstance(loaded.model, OnnxModel):
+        loaded.model.to(where)  # refuses any device but the CPU, in one line
+    return loaded
+
+
 def _size_multiple(family: ModelFamily) -> int:
     # Face-detector families declare the multiple their input sides need; another family's model takes any size.
     return family.size_multiple if isinstance(family, FaceDetectorFamily) else 1
@@ -143,7 +155,7 @@ def _eval_on_photos(loaded: LoadedModel, images_dir: Path, teacher: str | None, 
             result = labelled_ap(loaded.model, images_dir, _size_multiple(loaded.family), where)
             source = f"labelled faces from {images_dir / 'label.txt'}"
         else:
-            reference = open_model(teacher, registry)
+            reference = _open_runnable(teacher, registry, where)
             # Both models see the same padded photo, so it must suit both families.
             multiple = math.lcm(_size_multiple(loaded.family), _size_multiple(reference.family))
             result = agreement_ap(loaded.model, reference.model, image_files(images_dir), size_multiple=multiple,
@@ -178,6 +190,8 @@ def detect_command(model: str, image: Path, out_path: Path, threshold: float, ma
     Any common format (JPEG, PNG 8/16-bit, grayscale, RGBA, palette, BMP,
     WebP, ...) is read as 8-bit RGB.  The image is padded bottom/right only
     when the model's family needs sides of a multiple (FeatherFace: 32).
+    The model may be a .onnx file from `compress export` (run by ONNX Runtime
+    on the CPU; one exported without --dynamic takes only its own input size).
     """
     from torchvision.io import encode_png
     from torchvision.utils import draw_bounding_boxes, draw_keypoints
@@ -187,7 +201,7 @@ def detect_command(model: str, image: Path, out_path: Path, threshold: float, ma
     from facedet.preprocess import pad_to_multiple, to_network_input
 
     where = resolve_device(device)
-    loaded = open_model(model, registry_from(click.get_current_context(), plugins))
+    loaded = _open_runnable(model, registry_from(click.get_current_context(), plugins), where)
     multiple = _size_multiple(loaded.family)
     try:
         # The network sees the image padded to the family's multiple: that is what the limit bounds.

@@ -12,6 +12,7 @@ original checkpoints.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,13 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from compressor.errors import UsageError
-from compressor.family import ModelFamily
+from compressor.family import Calibration, ModelFamily
 from facedet import training
-from facedet.agreement import agreement_ap
+from facedet.agreement import KEEP_TOP_K, NMS_THRESHOLD, REFERENCE_THRESHOLD, agreement_ap
+from facedet.boxes import VARIANCES
 from facedet.data import DataError, image_files, unlabelled_batches
+from facedet.data.calibration import folder_calibration, labelled_calibration
 from facedet.modules import UnifiedHeads
 from facedet.original import CheckpointError, load_pretrained_backbone
-from facedet.preprocess import to_network_input
+from facedet.preprocess import MEAN_BGR, to_network_input
+from facedet.priors import PriorConfig
 from facedet.spec import SpecError, from_spec, to_spec
 
 
@@ -37,6 +41,7 @@ class FaceDetectorFamily(ModelFamily):
     agreement_metric = "agreement_ap"
     default_data = "the embedded face dataset (generated on first use; nothing is downloaded)"
     supports_training = True
+    output_names = ("boxes", "class_logits", "landmarks")
 
     #: The family's model class (the spec root).
     model_type: ClassVar[type[nn.Module]]
@@ -87,6 +92,36 @@ class FaceDetectorFamily(ModelFamily):
             return self.load_original(state)
         except CheckpointError as err:
             raise UsageError(f"{source}: {err}") from err
+
+    def deployment_metadata(self, model: nn.Module) -> dict[str, str]:
+        """The input convention, the priors and variances, each output's meaning and the postprocessing.
+
+        Enough to write the decoder in another language: the outputs are raw head
+        outputs over the priors, not faces.
+        """
+        priors = PriorConfig()
+        sides = f"sides multiple of {self.size_multiple}" if self.size_multiple > 1 else "any height and width"
+        boxes, logits, landmarks = self.output_names
+        return {
+            "input": f"NCHW float32, BGR, mean {'/'.join(f'{v:g}' for v in MEAN_BGR)} subtracted, not scaled; {sides}",
+            "priors": json.dumps({
+                "min_sizes": priors.min_sizes, "steps": priors.steps, "clip": False,
+                "format": "cx, cy, w, h, normalised by the input's width and height",
+                "order": "level by level, then row, column, anchor size (P = sum over levels of "
+                         "ceil(H/step) * ceil(W/step) * len(min_sizes))",
+            }),
+            "variances": json.dumps(VARIANCES),
+            f"output.{boxes}": "N x P x 4 box deltas (dcx, dcy, dw, dh) to decode with the priors: "
+                               "centre = prior_c + d_c * variances[0] * prior_wh, "
+                               "size = prior_wh * exp(d_wh * variances[1]); times (W, H) for pixels",
+            f"output.{logits}": "N x P x 2 logits: softmax, index 1 is the face score",
+            f"output.{landmarks}": "N x P x 10 deltas of 5 landmarks (x, y): point = prior_c + d * variances[0] "
+                                   "* prior_wh; times (W, H) for pixels",
+            "postprocess": json.dumps({"score_threshold": REFERENCE_THRESHOLD, "nms_iou": NMS_THRESHOLD,
+                                       "keep_top_k": KEEP_TOP_K,
+                                       "steps": "scores above the threshold, decode, clip boxes to the image, "
+                                                "NMS, keep the best keep_top_k"}),
+        }
 
     def check_input_size(self, height: int, width: int) -> None:
         m = self.size_multiple
@@ -148,6 +183,18 @@ class FaceDetectorFamily(ModelFamily):
         except DataError as err:  # the root, a label file, the images, a split without faces
             raise UsageError(str(err)) from err
         return {"ap": metrics["ap"]}
+
+    def calibration_inputs(self, data_root: Path | None, images: Path | None, input_size: tuple[int, int],
+                           count: int) -> Calibration:
+        """Images padded to squares and resized as evaluation does: a folder's photos, else the training split."""
+        side = _square(input_size)
+        try:
+            if images is not None:
+                return Calibration(folder_calibration(images, side, count), f"the images in {images}")
+            root = training.resolve_root(data_root)
+            return Calibration(labelled_calibration(root, side, count), f"the training split of {root}")
+        except DataError as err:  # a missing folder, no image in it, no usable image at all
+            raise UsageError(str(err)) from err
 
     def agreement(self, model: nn.Module, reference: nn.Module, images: Path,
                   device: torch.device | None = None) -> dict[str, float]:

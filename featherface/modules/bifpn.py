@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,7 +17,9 @@ def same_padding(x: Tensor, kernel_size: int, stride: int) -> Tensor:
     """Zero-pad like TensorFlow's "SAME": the extra pixel goes right/bottom."""
     pads = []
     for size in (x.shape[-1], x.shape[-2]):
-        total = max((math.ceil(size / stride) - 1) * stride - size + kernel_size, 0)
+        # Integer ceiling division, so that a symbolic size (ONNX export with dynamic axes)
+        # stays an integer expression.
+        total = max((-(-size // stride) - 1) * stride - size + kernel_size, 0)
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads)
 
