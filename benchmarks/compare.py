@@ -190,24 +190,10 @@ def peak_rss_bytes() -> int:
 
 
 def time_forwards(model: Any, example: Any, runs: int, warmup: int) -> list[float]:
-    """Wall time in ms of each of ``runs`` forwards after ``warmup`` untimed ones, in eval mode without autograd.
+    """Every forward's time in ms (for the median and the p90): the engine's one timing loop, for both runtimes."""
+    from compressor.accounting import forward_times
 
-    The loop of ``compressor.accounting.measure_latency``, which returns only the
-    median; this keeps every time (for the p90) and is the one loop both runtimes
-    are timed with.  The caller has set the thread count.
-    """
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        for _ in range(warmup):
-            model(example)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(example)
-            times.append((time.perf_counter() - start) * 1000.0)
-    return times
+    return forward_times(model, example, runs, warmup)
 
 
 def p90(times: list[float]) -> float:

@@ -143,15 +143,14 @@ class Latency(pydantic.BaseModel):
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, example_input: Tensor, runs: int = 20, warmup: int = 5, threads: int = 1) -> Latency:
-    """Median wall time of ``runs`` forwards after ``warmup`` untimed ones, on ``threads`` CPU threads."""
-    if runs < 1:
-        raise ValueError("runs must be at least 1")
-    previous_threads = torch.get_num_threads()
-    was_training = model.training
-    torch.set_num_threads(threads)
+def forward_times(model: nn.Module, example_input: Tensor, runs: int, warmup: int) -> list[float]:
+    """Wall time in ms of each of ``runs`` forwards after ``warmup`` untimed ones, in eval mode, without autograd.
+
+    The one timing loop: :func:`measure_latency` and the benchmarks (PyTorch and
+    ONNX Runtime alike) time with it.  The caller sets the thread count.
+    """
     model.eval()
-    try:
+    with torch.no_grad():
         for _ in range(warmup):
             model(example_input)
         times = []
@@ -159,6 +158,18 @@ def measure_latency(model: nn.Module, example_input: Tensor, runs: int = 20, war
             start = time.perf_counter()
             model(example_input)
             times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def measure_latency(model: nn.Module, example_input: Tensor, runs: int = 20, warmup: int = 5, threads: int = 1) -> Latency:
+    """Median wall time of ``runs`` forwards after ``warmup`` untimed ones, on ``threads`` CPU threads."""
+    if runs < 1:
+        raise ValueError("runs must be at least 1")
+    previous_threads = torch.get_num_threads()
+    was_training = model.training
+    torch.set_num_threads(threads)
+    try:
+        times = forward_times(model, example_input, runs, warmup)
     finally:
         torch.set_num_threads(previous_threads)
         model.train(was_training)

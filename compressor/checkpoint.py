@@ -117,7 +117,7 @@ def open_model(source: str | Path, registry: Registry | None = None, *, allow_on
         if not allow_onnx:
             raise UsageError(f"{path}: an exported ONNX model only runs (compress eval, detect, inspect); "
                              "this needs the PyTorch checkpoint it was exported from")
-        from .onnx_model import open_onnx  # onnx and onnxruntime are optional, and slow to import
+        from .onnx_model import open_onnx  # onnx and onnxruntime are slow to import: only when needed
 
         return open_onnx(path, registry)
     content = read_file(path)

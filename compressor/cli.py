@@ -298,9 +298,10 @@ def export_command(model: str, export_format: str, out_path: Path | None, input_
     With --int8 the checked float export is quantized with ONNX Runtime's static
     quantizer (QDQ; activations uint8 per tensor, weights int8 per channel,
     MinMax calibration) and only the int8 file is written, with a record of both
-    steps beside it.  Convolutions with fewer than 16 input or output channels
-    stay float with their activations: ONNX Runtime's integer kernels are slower
-    than its float ones there, and those thin layers lose the most accuracy.
+    steps beside it.  Convolutions and their activations are quantized; other
+    operators stay float, and so do convolutions with fewer than 16 input or
+    output channels: ONNX Runtime's integer kernels are slower than its float
+    ones there, and those thin layers lose the most accuracy.
     """
     from .export import export_onnx
 

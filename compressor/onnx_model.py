@@ -29,7 +29,7 @@ PROVIDERS = ["CPUExecutionProvider"]
 
 
 def onnx_modules() -> tuple[ModuleType, ModuleType]:
-    """``onnx`` and ``onnxruntime``, or one line saying what to install: they are optional dependencies."""
+    """``onnx`` and ``onnxruntime``, imported when first needed (slow), or one line saying what to install."""
     try:
         import onnx
         import onnxruntime

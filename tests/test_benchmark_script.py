@@ -41,7 +41,7 @@ def tiny_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     save_checkpoint(checkpoint, featherface_baseline(), FAMILY)
     out = tmp / "out"
     result = run_script("--v2", str(checkpoint), "--sizes", "64", "--threads", "1", "--runs", "2", "--warmup", "1",
-                        "--macs-size", "64", "--out", str(out))
+                        "--macs-size", "64", "--runtimes", "eager", "--rounds", "1", "--out", str(out))
     return result, out
 
 
@@ -71,7 +71,7 @@ def test_markdown_written_and_printed(tiny_run):
     result, out = tiny_run
     document = (out / "benchmark.md").read_text()
     assert "| parameters | 592,371 | 592,371 |" in document
-    assert "CPU latency 64×64, 1 thread" in document and "speed-up" in document
+    assert "64×64, 1 thread" in document and "| PyTorch eager |" in document and "speed-up" in document
     assert "compare.py --v2" in document  # the command that produced it
     assert "| parameters | 592,371" in result.stdout
 

@@ -194,3 +194,55 @@ def test_a_static_export_cannot_be_measured_on_photos_at_their_own_sizes(tmp_pat
     photos.mkdir()
     with pytest.raises(UsageError, match="export.dynamic: false, but data.eval_images"):
         load_recipe(_recipe(tmp_path, "{int8: true}", data=f"data: {{eval_images: {photos}}}\n"))
+
+
+# ------------------------------------------------------------------ compress export --int8
+
+
+def _invoke(*args: str):
+    from click.testing import CliRunner
+
+    from compressor.cli import cli
+
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_export_int8_command_writes_the_int8_model_and_its_record(tmp_path, retinaface):
+    from compressor.checkpoint import save_checkpoint
+
+    checkpoint = tmp_path / "rf.pt"
+    save_checkpoint(checkpoint, retinaface.model, retinaface.family)
+    out = tmp_path / "deploy" / "rf.int8.onnx"
+    result = _invoke("export", str(checkpoint), "--format", "onnx", "--int8", "--input-size", "64",
+                     "--calibration-count", "2", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["quantization"]["calibration_images"] == 2
+    assert "training split" in record["quantization"]["calibration"]  # the family's default data
+    # Only the int8 model and its record: the float export it came from was a scratch file.
+    assert sorted(p.name for p in out.parent.iterdir()) == ["rf.int8.onnx", "rf.int8.onnx.json"]
+    evaluated = _invoke("eval", str(out), "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert set(json.loads(evaluated.output)) == {"ap", "val_images"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--calibration-count", "3"], "--calibration-images and --calibration-count need --int8"),
+    (["--int8", "--calibration-images", "/no/such/folder"], "--calibration-images: no such folder"),
+])
+def test_export_int8_options_are_checked_in_one_line(tmp_path, args, message):
+    result = _invoke("export", "retinaface", "--format", "onnx", "--out", str(tmp_path / "x.onnx"), *args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_int8_with_a_folder_of_unreadable_images_is_one_line(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"not a jpeg")
+    result = _invoke("export", "retinaface", "--format", "onnx", "--int8", "--input-size", "64",
+                     "--calibration-images", str(photos), "--out", str(tmp_path / "x.onnx"))
+    assert result.exit_code == 2
+    assert "no usable image to calibrate on" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x.onnx").exists()

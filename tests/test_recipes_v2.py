@@ -36,3 +36,8 @@ def test_v2_without_finetuning_reaches_250k_with_every_stage_ok(tmp_path):
     verdicts = {v["what"]: v["status"] for v in report["budget_check"]["verdicts"]}
     assert verdicts == {"total": "pass", "accuracy drop (ap)": "not checked"}
     assert report["budget_check"]["ok"] is None and report["budget_check"]["overshoots"] == []
+    # It ships as ONNX, float and int8; without evaluation the artifacts carry no metrics.
+    deployed = report["deployed"]
+    assert max(deployed["onnx"]["max_abs_diff"].values()) < 1e-4
+    assert deployed["int8"]["quantized_convs"] > 0 and deployed["metrics"] == {}
+    assert (out / "final.onnx").is_file() and (out / "final.int8.onnx").is_file()
