@@ -54,7 +54,9 @@ __all__ = [
     "WiderFaceGroundTruth",
     "WiderFaceInputError",
     "average_precision",
+    "Interval",
     "average_precision_all_points",
+    "average_precision_interval",
     "check_predictions_known",
     "evaluate_widerface",
     "evaluate_widerface_predictions",
@@ -291,23 +293,77 @@ def average_precision(
     prediction file, including images that the protocol then skips).
     Recall is relative to the number of non-ignored gt over all images.
     """
+    proposals, tp, faces = _per_image_counts(images, iou_threshold, num_thresholds, box_offset, scores_range)
+    return _ap_from_counts(proposals.sum(axis=0), tp.sum(axis=0), int(faces.sum()))
+
+
+def _per_image_counts(
+    images: Iterable[ImageRecord],
+    iou_threshold: float,
+    num_thresholds: int,
+    box_offset: float,
+    scores_range: tuple[float, float] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image (rows): proposals and true positives at each threshold (columns), and its countable faces."""
     records = [_as_record(image) for image in images]
     lo, hi = scores_range if scores_range is not None else score_range(r[1] for r in records)
     thresholds = pr_thresholds(num_thresholds)
-
-    proposals = np.zeros(num_thresholds, dtype=np.int64)
-    tp = np.zeros(num_thresholds, dtype=np.int64)
-    num_faces = 0
-    for boxes, scores, gt, ignore in records:
-        num_faces += int(np.count_nonzero(~ignore))
+    proposals = np.zeros((len(records), num_thresholds), dtype=np.int64)
+    tp = np.zeros((len(records), num_thresholds), dtype=np.int64)
+    faces = np.zeros(len(records), dtype=np.int64)
+    for row, (boxes, scores, gt, ignore) in enumerate(records):
+        faces[row] = np.count_nonzero(~ignore)
         if boxes.shape[0] == 0:
             continue
-        p, t = image_pr_counts(
+        proposals[row], tp[row] = image_pr_counts(
             boxes, normalise_scores(scores, lo, hi), gt, ignore, thresholds, iou_threshold, box_offset
         )
-        proposals += p
-        tp += t
-    return _ap_from_counts(proposals, tp, num_faces)
+    return proposals, tp, faces
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A metric on a set of images and its percentile bootstrap interval over those images."""
+
+    value: float
+    low: float
+    high: float
+    confidence: float
+    resamples: int
+
+
+def average_precision_interval(
+    images: Iterable[ImageRecord],
+    iou_threshold: float = 0.5,
+    confidence: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+    num_thresholds: int = NUM_THRESHOLDS,
+) -> Interval:
+    """:func:`average_precision` with a percentile bootstrap interval: images are drawn with replacement.
+
+    Each image's counts at every threshold are computed once, with the scores
+    normalised over the whole set, so a resample is a weighted sum of rows: a
+    thousand resamples of a few hundred images take well under a second.
+    Seeded, so the same images always give the same interval.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    proposals, tp, faces = _per_image_counts(images, iou_threshold, num_thresholds, 0.0, None)
+    value = _ap_from_counts(proposals.sum(axis=0), tp.sum(axis=0), int(faces.sum()))
+    count = len(faces)
+    if count == 0:
+        return Interval(value, value, value, confidence, resamples)
+    generator = np.random.default_rng(seed)
+    samples = np.empty(resamples)
+    for index in range(resamples):
+        weights = np.bincount(generator.integers(0, count, count), minlength=count)
+        samples[index] = _ap_from_counts(weights @ proposals, weights @ tp, int(weights @ faces))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return Interval(value, float(low), float(high), confidence, resamples)
 
 
 def average_precision_all_points(
