@@ -305,7 +305,8 @@ def export_command(model: str, export_format: str, out_path: Path | None, input_
     """
     from .export import export_onnx
 
-    if not int8 and (calibration_images is not None or "calibration_count" in _given_options()):
+    given_count = click.get_current_context().get_parameter_source("calibration_count")
+    if not int8 and (calibration_images is not None or given_count is click.core.ParameterSource.COMMANDLINE):
         raise UsageError("--calibration-images and --calibration-count need --int8")
     loaded = open_model(model, registry_from(click.get_current_context(), plugins))
     size = chosen_input_size(loaded, input_size)
@@ -318,13 +319,15 @@ def export_command(model: str, export_format: str, out_path: Path | None, input_
         return
     from .quantize import export_int8
 
-    data = (loaded.checkpoint.get("recipe") or {}).get("data") or {}
-    images = calibration_images or (Path(data["images"]) if data.get("images") else None)
+    from .recipe import DataConfig
+
+    # The recipe a checkpoint carries was validated (paths absolute) when its run began.
+    data = DataConfig.model_validate((loaded.checkpoint.get("recipe") or {}).get("data") or {})
+    images = calibration_images or data.images
     if images is not None and not images.is_dir():
         where = "--calibration-images" if calibration_images is not None else "the model's recipe's data.images"
         raise UsageError(f"{where}: no such folder: {images}")
-    calibration = loaded.family.calibration_inputs(Path(data["root"]) if data.get("root") else None, images,
-                                                   size, calibration_count)
+    calibration = loaded.family.calibration_inputs(data.root, images, size, calibration_count)
     record = export_int8(loaded, out_path, input_size=size, dynamic=dynamic, calibration=calibration.images,
                          calibration_from=calibration.source)
     if as_json:
@@ -335,13 +338,6 @@ def export_command(model: str, export_format: str, out_path: Path | None, input_
                f"convs int8, {quantization.float_convs} float), calibrated on {quantization.calibration_images} "
                f"images: {quantization.calibration}; the float export it came from agreed with PyTorch to "
                f"{max(record.float_model.max_abs_diff.values(), default=0.0):.2g}")
-
-
-def _given_options() -> set[str]:
-    """The command's parameters the user gave on the command line (not their defaults)."""
-    ctx = click.get_current_context()
-    return {name for name in ctx.params
-            if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
 
 
 def _echo_export(record: ExportRecord, as_json: bool) -> None:

@@ -201,11 +201,15 @@ def _metadata(loaded: LoadedModel, given: dict[str, str]) -> dict[str, str]:
     return {**own, **loaded.family.deployment_metadata(loaded.model), **given}
 
 
-def _set_metadata(proto: ModelProto, props: dict[str, str], doc: str) -> None:
+def set_metadata_props(proto: ModelProto, props: dict[str, str]) -> None:
+    """Replace the file's ``metadata_props`` with ``props``."""
     del proto.metadata_props[:]
     for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+        proto.metadata_props.add(key=key, value=value)
+
+
+def _set_metadata(proto: ModelProto, props: dict[str, str], doc: str) -> None:
+    set_metadata_props(proto, props)
     proto.producer_name = "compress"
     proto.producer_version = props[VERSION_KEY]
     proto.doc_string = doc

@@ -44,7 +44,8 @@ from torch import Tensor
 from .atomic import atomic_write_json
 from .checkpoint import LoadedModel
 from .errors import OutputError, UsageError
-from .export import ExportRecord, export_onnx, record_path
+from .export import ExportRecord, export_onnx, record_path, set_metadata_props
+from .onnx_model import OnnxModel
 
 #: Convolutions with fewer input or output channels than this stay in float (see the module docstring).
 FLOAT_BELOW_CHANNELS = 16
@@ -115,12 +116,10 @@ def quantize_onnx(source: Path, out: Path, calibration: Sequence[Tensor], *, cal
         metadata = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
         metadata["compressor.precision"] = "int8"
         metadata["compressor.quantization"] = json.dumps(record.model_dump(exclude={"path", "bytes", "source"}))
-        del model.metadata_props[:]
-        for key, value in metadata.items():
-            model.metadata_props.add(key=key, value=value)
+        set_metadata_props(model, metadata)
         final = work / "final.onnx"
         onnx.save(model, str(final))
-        _check_runs(final, input_name, calibration[0])
+        _check_runs(final, out, calibration[0])
         try:
             os.replace(final, out)
         except OSError as err:
@@ -175,14 +174,10 @@ class _Reader:
         pass
 
 
-def _check_runs(path: Path, input_name: str, image: Tensor) -> None:
-    import numpy as np
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {input_name: image.detach().cpu().float().numpy()})
-    if not all(np.isfinite(output).all() for output in outputs):
-        raise UsageError(f"{path}: the int8 model gives non-finite outputs on a calibration image")
+def _check_runs(path: Path, out: Path, image: Tensor) -> None:
+    """The int8 model at ``path`` (to be written to ``out``) loads and gives finite outputs on ``image``."""
+    if not all(output.isfinite().all() for output in OnnxModel(path)(image)):
+        raise UsageError(f"{out}: the int8 model gives non-finite outputs on a calibration image; nothing written")
 
 
 @contextlib.contextmanager

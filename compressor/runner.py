@@ -269,8 +269,7 @@ def _run_stage(ctx: RunContext, index: int, stage: Stage, params: Any, model: nn
         save_checkpoint(_checkpoint_path(ctx.out_dir, index, stage.label), new_model, ctx.family,
                         recipe=ctx.record.recipe, passes=ctx.record.passes(upto=index), extra={"stage": index})
     _write(ctx)
-    metric = ctx.record.metric
-    shown = f", {metric} {metrics[metric]:.4f}" if metric in metrics else ""
+    shown = _headline(ctx, metrics)
     ctx.progress.echo(f"    ok: {measurement.params.total:,} parameters, drift {drift:.3g}{shown}, "
                       f"{ctx.record.stages[index - 1].seconds:.1f}s")
     return new_model
@@ -440,5 +439,10 @@ def _deploy(ctx: RunContext, model: nn.Module) -> None:
                                        seconds=time.perf_counter() - started)
     _write(ctx)
     for artifact, values in ctx.record.deployed.metrics.items():
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if not k.endswith("images") and k != "reference_faces")
-        ctx.progress.echo(f"export: {artifact}: {shown}")
+        ctx.progress.echo(f"export: {artifact}{_headline(ctx, values)}")
+
+
+def _headline(ctx: RunContext, metrics: dict[str, float]) -> str:
+    """``, <metric> <value>`` for the run's headline metric, when it was measured."""
+    metric = ctx.record.metric
+    return f", {metric} {metrics[metric]:.4f}" if metric in metrics else ""

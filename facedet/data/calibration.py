@@ -41,7 +41,8 @@ def folder_calibration(folder: Path, size: int, count: int) -> list[Tensor]:
     files = image_files(folder)
     # The evenly spaced ones first; the others stand in for unreadable ones.
     chosen = _evenly_spaced(len(files), count)
-    order = chosen + [index for index in range(len(files)) if index not in set(chosen)]
+    others = sorted(set(range(len(files))) - set(chosen))
+    order = chosen + others
     transform = EvalTransform(size)
     empty = {"boxes": torch.zeros(0, 4), "landmarks": torch.zeros(0, 10),
              "landmark_valid": torch.zeros(0, dtype=torch.bool)}
