@@ -188,9 +188,17 @@ class ModelFamily(ABC):
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, data_root: Path | None, input_size: tuple[int, int],
-                 device: torch.device | None = None) -> dict[str, float]:
-        """Accuracy metrics on the validation data; the first is the one budgets and plots use."""
+                 device: torch.device | None = None, split: str = "val") -> dict[str, float]:
+        """Accuracy metrics on a split of the labelled data; the first is the one budgets and plots use.
+
+        ``split`` is ``"val"`` (what stages are measured and recipes tuned on) or ``"test"``
+        (held out: the engine measures only the starting and the final model on it).
+        """
         raise NotImplementedError
+
+    def has_test_split(self, data_root: Path | None) -> bool:
+        """Whether the labelled data at ``data_root`` (the family's default when None) holds a held-out test split."""
+        return False
 
     def agreement(self, model: nn.Module, reference: nn.Module, images: Path,
                   device: torch.device | None = None) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""PNG charts drawn with matplotlib (Agg): stacked bars and labelled line plots.
+"""PNG charts drawn with matplotlib (Agg): stacked bars, labelled line plots, series with intervals.
 
 Every chart is its own :class:`~matplotlib.figure.Figure` rendered by ``FigureCanvasAgg``:
 no pyplot, no global figure state, and the user's matplotlib backend is never touched.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -357,3 +358,83 @@ def line_chart_png(
         _place_labels(ax, points, marker_radius)
 
     return _render(draw, size, layout=None)
+
+
+@dataclass(frozen=True)
+class Series:
+    """One labelled set of ``(x, y)`` points; ``intervals`` (low, high) per point are drawn as error bars or a band.
+
+    ``joined``: a line through the points in the order given (a curve, or a frontier); else markers only.
+    """
+
+    label: str
+    points: Sequence[tuple[float, float]]
+    intervals: Sequence[tuple[float, float]] | None = None
+    joined: bool = True
+    band: bool = False  # the intervals as a shaded band (a curve), not as error bars
+
+
+def series_png(
+    series: Sequence[Series],
+    *,
+    title: str,
+    x_label: str,
+    y_label: str,
+    size: tuple[int, int] = SIZE,
+    log_x: bool = False,
+    x_format: Callable[[float, float | None], str] = format_k,
+    y_format: Callable[[float, float | None], str] = format_number,
+) -> bytes:
+    """Several series on one pair of axes, with a legend when there is more than one.  Returns PNG bytes."""
+    every = [(x, y) for s in series for x, y in s.points if math.isfinite(x) and math.isfinite(y)]
+    spans = [v for s in series for pair in (s.intervals or ()) for v in pair if math.isfinite(v)]
+    xs = [x for x, _ in every] or [0.0, 1.0]
+    ys = [y for _, y in every] + spans or [0.0, 1.0]
+    y_span = (max(ys) - min(ys)) or abs(max(ys)) * 0.05 or 1.0
+    y_low = min(ys) - y_span * 0.1
+    y_ticks = nice_ticks(max(y_low, 0.0) if min(ys) >= 0 else y_low, max(ys) + y_span * 0.1, 6)
+
+    def draw(figure: Figure) -> None:
+        ax = figure.add_subplot()
+        ax.set_title(title)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.set_ylim(y_ticks[0], y_ticks[-1])
+        _ticks(ax.yaxis, y_ticks, y_format)
+        if log_x:
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: x_format(value, None)))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _pos: ""))
+        else:
+            x_span = (max(xs) - min(xs)) or abs(max(xs)) * 0.1 or 1.0
+            x_ticks = nice_ticks(max(min(xs) - x_span * 0.08, 0.0) if min(xs) >= 0 else min(xs) - x_span * 0.08,
+                                 max(xs) + x_span * 0.08, 7)
+            ax.set_xlim(x_ticks[0], x_ticks[-1])
+            _ticks(ax.xaxis, x_ticks, x_format)
+        ax.grid(color=GRID)
+        ax.set_axisbelow(True)
+        if not every:
+            _no_data(ax)
+            return
+        for index, one in enumerate(series):
+            if not one.points:
+                continue
+            px = [p[0] for p in one.points]
+            py = [p[1] for p in one.points]
+            colour_ = colour(index)
+            if one.intervals is not None and one.band:
+                ax.fill_between(px, [i[0] for i in one.intervals], [i[1] for i in one.intervals],
+                                color=colour_, alpha=0.18, linewidth=0, zorder=1)
+            elif one.intervals is not None:
+                below = [y - i[0] for y, i in zip(py, one.intervals)]
+                above = [i[1] - y for y, i in zip(py, one.intervals)]
+                ax.errorbar(px, py, yerr=[below, above], fmt="none", ecolor=colour_, elinewidth=1.2, capsize=3,
+                            zorder=2)
+            ax.plot(px, py, color=colour_, linewidth=1.8 if one.joined else 0, marker="o", markersize=5,
+                    label=one.label, zorder=3)
+        if len(series) > 1:
+            ax.legend(loc="best", frameon=False)
+
+    return _render(draw, size, layout="constrained")

@@ -112,6 +112,10 @@ class TrainConfig(_Strict):
     amp: bool = Field(True, description="Mixed precision (CUDA only; ignored on the CPU).")
     checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS,
                                   description="`compress train`: save a resumable checkpoint this often.")
+    eval_every: int | None = Field(
+        None, ge=1, le=MAX_STEPS,
+        description="`compress train`: measure the validation metric this often (a multiple of checkpoint_every; "
+        "BatchNorm statistics re-estimated first, on a copy), for the curve in the train report; empty: only at the end.")
 
     @pydantic.field_validator("teacher", mode="before")
     @classmethod
@@ -127,6 +131,10 @@ class TrainConfig(_Strict):
     def _warmup_within_steps(self) -> TrainConfig:
         if self.steps and self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) is more than steps ({self.steps})")
+        if self.eval_every is not None and self.eval_every % self.checkpoint_every:
+            # Each curve point is stored in the checkpoint of its step, so a resumed training keeps its curve.
+            raise ValueError(f"eval_every ({self.eval_every}) is not a multiple of checkpoint_every "
+                             f"({self.checkpoint_every})")
         return self
 
 

@@ -18,6 +18,11 @@ from .export import ExportRecord
 from .quantize import QuantizeRecord
 
 RECORD_FORMAT = "compressor.run/1"
+#: Metrics on the family's held-out test split carry this prefix (``test_ap``): measured for the
+#: baseline and the final model only, never for stages, so nothing is tuned on them.
+TEST_PREFIX = "test_"
+#: A metric ``m``'s interval, where the family gives one (e.g. a bootstrap over images), is ``m_low``..``m_high``.
+INTERVAL_SUFFIXES = ("_low", "_high")
 
 
 class _Record(pydantic.BaseModel):

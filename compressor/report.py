@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import plots
 from .atomic import atomic_write_bytes, atomic_write_text
-from .record import BudgetVerdict, Measured, RunRecord, StageRecord
+from .record import INTERVAL_SUFFIXES, TEST_PREFIX, BudgetVerdict, Measured, RunRecord, StageRecord
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -64,11 +64,20 @@ def steps(record: RunRecord, include_final: bool = True) -> list[Step]:
 
 
 def metric_names(record: RunRecord) -> list[str]:
-    """Every metric in the record, the headline metric first."""
+    """Every validation metric in the record, the headline metric first.
+
+    Not the test split's (``test_``; their own section) nor a metric's interval bounds
+    (shown beside the metric, see :func:`_metric_cell`).
+    """
     names: dict[str, None] = {record.metric: None} if record.metric else {}
     for step in steps(record):
         names.update((name, None) for name in step.measured.metrics)
-    return [n for n in names if any(n in s.measured.metrics for s in steps(record))]
+    return [n for n in names if any(n in s.measured.metrics for s in steps(record))
+            and not n.startswith(TEST_PREFIX) and not _is_bound(n, names)]
+
+
+def _is_bound(name: str, names: dict[str, None] | list[str]) -> bool:
+    return any(name.endswith(suffix) and name[: -len(suffix)] in names for suffix in INTERVAL_SUFFIXES)
 
 
 def _component_order(all_steps: list[Step]) -> list[str]:
@@ -148,6 +157,13 @@ def _metric(value: float | None) -> str:
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
 
 
+def _metric_cell(metrics: dict[str, float], name: str) -> str:
+    """``0.7213 [0.6950, 0.7470]``: the value, and its interval when the family measured one."""
+    low, high = (metrics.get(name + suffix) for suffix in INTERVAL_SUFFIXES)
+    interval = f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
+    return _metric(metrics.get(name)) + interval
+
+
 def _seconds(value: float | None) -> str:
     return f"{value:.1f}" if value is not None else DASH
 
@@ -177,6 +193,7 @@ def render_markdown(record: RunRecord) -> str:
     sections: list[Callable[[], list[str]]] = [
         lambda: _summary(record),
         lambda: _stages_table(record, metrics),
+        lambda: _test_section(record),
         lambda: _notes(record),
         lambda: _components_table(record),
         lambda: _budget_section(record),
@@ -240,7 +257,7 @@ def _stage_row(index: int, stage: StageRecord, previous: int, metrics: list[str]
     return [
         str(index), stage.name, pass_name, f"**{stage.status}**" if stage.status == "failed" else stage.status,
         _int(total), _change(total, previous), format_macs(stage.macs), _drift(stage.output_drift),
-        *(_metric(stage.metrics.get(m)) for m in metrics), _seconds(stage.seconds),
+        *(_metric_cell(stage.metrics, m) for m in metrics), _seconds(stage.seconds),
     ]
 
 
@@ -249,7 +266,7 @@ def _stages_table(record: RunRecord, metrics: list[str]) -> list[str]:
               *metrics, "seconds"]
     base = record.baseline
     rows = [["0", "baseline", DASH, DASH, _int(base.params.total), DASH, format_macs(base.macs), DASH,
-             *(_metric(base.metrics.get(m)) for m in metrics), DASH]]
+             *(_metric_cell(base.metrics, m) for m in metrics), DASH]]
     previous = base.params.total
     for index, stage in enumerate(record.stages, start=1):
         rows.append(_stage_row(index, stage, previous, metrics))
@@ -260,7 +277,7 @@ def _stages_table(record: RunRecord, metrics: list[str]) -> list[str]:
         seconds = sum(s.seconds or 0.0 for s in record.stages)
         rows.append([DASH, "**final**", DASH, DASH, _int(final.params.total),
                      _change(final.params.total, base.params.total) + " vs baseline", format_macs(final.macs), DASH,
-                     *(_metric(final.metrics.get(m)) for m in metrics), _seconds(seconds)])
+                     *(_metric_cell(final.metrics, m) for m in metrics), _seconds(seconds)])
     right = {0, 4, 5, 6, 7, *range(8, 9 + len(metrics))}
     return ["## Stages", "", *_table(header, rows, right)]
 
@@ -329,6 +346,27 @@ def _headline(verdict: BudgetVerdict, so_far: str) -> str:
     return f"**Budget: PASS{so_far}** — all {count} limits met"
 
 
+def _test_section(record: RunRecord) -> list[str]:
+    """The held-out test split: the baseline's and the final model's metrics, and the change."""
+    rows = [(label, measured) for label, measured in (("baseline", record.baseline), ("final", record.final))
+            if measured is not None and any(k.startswith(TEST_PREFIX) for k in measured.metrics)]
+    if not rows:
+        return []
+    names = [k for k in rows[0][1].metrics if k.startswith(TEST_PREFIX)]
+    names = [k for k in names if not _is_bound(k, names)]
+    table = [[label, _int(measured.params.total), *(_metric_cell(measured.metrics, k) for k in names)]
+             for label, measured in rows]
+    lines = ["## Held-out test split", "",
+             "Measured on the baseline and the final model only; stages and recipes are tuned on the "
+             "validation split. Brackets: the 95% bootstrap interval over images.", "",
+             *_table(["model", "params", *names], table, set(range(1, 2 + len(names))))]
+    if len(rows) == 2 and record.metric and TEST_PREFIX + record.metric in rows[1][1].metrics:
+        key = TEST_PREFIX + record.metric
+        drop = rows[0][1].metrics[key] - rows[1][1].metrics[key]
+        lines += [f"Drop in {key}: {drop:+.4f} (baseline minus final).", ""]
+    return lines
+
+
 def _deployed_section(record: RunRecord) -> list[str]:
     """The recipe's ``export``: each artifact's file, size, check and metrics, beside the final model's."""
     deployed = record.deployed
@@ -338,15 +376,15 @@ def _deployed_section(record: RunRecord) -> list[str]:
     final = record.final.metrics if record.final is not None else {}
     onnx, int8 = deployed.onnx, deployed.int8
     size = "dynamic" if onnx.dynamic else "x".join(map(str, onnx.input_size))
-    rows = [["PyTorch (final.pt)", DASH, DASH, *(_metric(final.get(m)) for m in metrics)],
+    rows = [["PyTorch (final.pt)", DASH, DASH, *(_metric_cell(final, m) for m in metrics)],
             [f"ONNX float32 ({Path(onnx.path).name})", f"{onnx.bytes:,}",
              f"max |ONNX Runtime - PyTorch| {max(onnx.max_abs_diff.values(), default=0.0):.2e}",
-             *(_metric(deployed.metrics.get("onnx", {}).get(m)) for m in metrics)]]
+             *(_metric_cell(deployed.metrics.get("onnx", {}), m) for m in metrics)]]
     if int8 is not None:
         rows.append([f"ONNX int8 ({Path(int8.path).name})", f"{int8.bytes:,}",
                      f"{int8.quantized_convs} convs int8, {int8.float_convs} float (< {int8.float_below_channels} "
                      f"channels); calibrated on {int8.calibration_images} images",
-                     *(_metric(deployed.metrics.get("int8", {}).get(m)) for m in metrics)])
+                     *(_metric_cell(deployed.metrics.get("int8", {}), m) for m in metrics)])
     header = ["artifact", "bytes", "check", *metrics]
     return ["## Deployed", "", f"Exported at opset {onnx.opset}, input {size}, in {deployed.seconds:.0f} s.", "",
             *_table(header, rows, {1, *range(3, len(header))})]

@@ -30,7 +30,7 @@ from .onnx_model import OnnxModel
 from .passes import Pass, PassContext, PassResult, check_stages_apply
 from .progress import Progress
 from .quantize import export_int8
-from .record import DeployRecord, FinetuneRecord, Measured, RunMode, RunRecord, StageRecord, read_record
+from .record import TEST_PREFIX, DeployRecord, FinetuneRecord, Measured, RunMode, RunRecord, StageRecord, read_record
 from .recipe import Recipe, Stage
 from .report import REPORT_JSON, write_report
 from .runfolder import RunFolder
@@ -126,11 +126,10 @@ def _run(opened: OpenedRecipe, options: RunOptions) -> RunRecord:
     if previous is not None:
         model = _resume_model(ctx)
     else:
-        metric = family.agreement_metric if recipe.data.eval_images is not None else family.metric
         ctx.record = RunRecord(
-            recipe=recipe_record, family=family.name, metric=metric or None, mode=mode, data=opened.data,
+            recipe=recipe_record, family=family.name, metric=opened.metric or None, mode=mode, data=opened.data,
             # With data.eval_images the starting model is measured against itself too (1.0 when all is well).
-            baseline=Measured.of(_measure(ctx, first_model), _evaluate(ctx, first_model)),
+            baseline=Measured.of(_measure(ctx, first_model), _evaluate(ctx, first_model) | _evaluate_test(ctx, first_model)),
             stages=[StageRecord(name=s.label, pass_name=s.pass_name) for s in recipe.stages],
         )
         model = copy.deepcopy(first_model)
@@ -390,9 +389,26 @@ def _evaluate(ctx: RunContext, model: nn.Module) -> dict[str, float]:
     return ctx.family.evaluate(model, ctx.recipe.data.root, ctx.recipe.input_size, ctx.device)
 
 
+def _evaluate_test(ctx: RunContext, model: nn.Module) -> dict[str, float]:
+    """The metrics on the family's held-out test split, prefixed ``test_``: only the starting and the final model.
+
+    Nothing is tuned on them (stages are measured on the validation split); empty when the
+    run does not evaluate, measures agreement (data.eval_images), or the data has no test split.
+    """
+    if not ctx.mode.evaluate or not is_main_process() or ctx.recipe.data.eval_images is not None:
+        return {}
+    if not ctx.family.has_test_split(ctx.recipe.data.root):
+        return {}
+    ctx.progress.echo("    evaluating on the held-out test split ...")
+    metrics = ctx.family.evaluate(model, ctx.recipe.data.root, ctx.recipe.input_size, ctx.device, split="test")
+    return {f"{TEST_PREFIX}{key}": value for key, value in metrics.items()}
+
+
 def _finish(ctx: RunContext, model: nn.Module) -> RunRecord:
     done = ctx.record.completed
     metrics = dict(done[-1][1].metrics) if done else dict(ctx.record.baseline.metrics)
+    metrics = {key: value for key, value in metrics.items() if not key.startswith(TEST_PREFIX)}
+    metrics |= _evaluate_test(ctx, model)
     ctx.record.final = Measured.of(_measure(ctx, model), metrics)
     verdict = ctx.record.budget_check = ctx.record.budget_verdict()
     _write(ctx)

@@ -67,6 +67,11 @@ class OpenedRecipe:
     data: DataRecord = field(default_factory=DataRecord)
     _loaded: LoadedModel | None = None
 
+    @property
+    def metric(self) -> str:
+        """The headline metric: the family's agreement metric with data.eval_images, else its accuracy metric."""
+        return self.family.agreement_metric if self.recipe.data.eval_images is not None else self.family.metric
+
     def starting_model(self) -> nn.Module:
         """The model the recipe starts from: its checkpoint, or the family's baseline (optionally pretrained)."""
         source = self.recipe.model

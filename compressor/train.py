@@ -98,6 +98,14 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.gamma**passed
 
 
+@dataclass(frozen=True)
+class CurvePoint:
+    """The validation metrics of the weights after ``step`` optimiser steps."""
+
+    step: int
+    metrics: dict[str, float]
+
+
 @dataclass
 class TrainState:
     """What a resumable training checkpoint holds besides the model weights.
@@ -110,6 +118,9 @@ class TrainState:
     step: int = 0
     optimizer: dict | None = None
     losses: list[float] = field(default_factory=list)
+    #: Validation measurements taken during training (``train.eval_every``), in step order.
+    curve: list[CurvePoint] = field(default_factory=list)
+
 
 
 class _Rollback:

@@ -14,23 +14,38 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from copy import deepcopy
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_json
+from . import plots
+from .atomic import atomic_write_bytes, atomic_write_json
 from .checkpoint import FINAL_NAME, open_model, read_file, save_checkpoint
 from .errors import UsageError
 from .progress import Progress
 from .runfolder import RunFolder
 from .runner import first_difference, seed_everything
 from .session import OpenedRecipe
-from .train import TrainState, distributed, init_distributed, is_main_process, train
+from .train import (
+    BN_CALIBRATION_BATCHES,
+    CurvePoint,
+    TrainState,
+    distributed,
+    init_distributed,
+    is_main_process,
+    recalibrate_batchnorm,
+    train,
+)
 from .validate import forward_eval, output_contract
 
 LAST_NAME = "last.pt"
 REPORT_NAME = "train_report.json"
+CURVE_PLOT_NAME = "val_curve.png"
+# A training "has plateaued" when its last quarter gained less than this (0.5 AP points).
+PLATEAU_GAIN = 0.005
 
 
 @dataclass
@@ -89,14 +104,20 @@ def _train(opened: OpenedRecipe, options: TrainOptions) -> dict:
         if final.is_file():
             return _finished(out_dir, final, record, recipe.train.steps, progress)
         model = loaded.model
-        state = TrainState(step=saved["step"], optimizer=saved["optimizer"], losses=list(saved["losses"]))
+        state = TrainState(step=saved["step"], optimizer=saved["optimizer"], losses=list(saved["losses"]),
+                           curve=[CurvePoint(int(p["step"]), dict(p["metrics"])) for p in saved.get("curve", [])])
         progress.echo(f"resuming {out_dir} at step {state.step}/{recipe.train.steps}")
     first_step = state.step
 
     def save(model: torch.nn.Module, state: TrainState) -> None:
+        every = recipe.train.eval_every
+        if options.evaluate and every and state.step % every == 0 and state.step < recipe.train.steps:
+            # (the last step's point is the final evaluation, after the real recalibration)
+            state.curve.append(CurvePoint(state.step, _measure_copy(opened, model, teacher, state.step, progress)))
         save_checkpoint(last, model, family, recipe=record,
                         extra={"train_state": {"step": state.step, "optimizer": state.optimizer,
-                                               "losses": state.losses, "mode": mode}})
+                                               "losses": state.losses, "mode": mode,
+                                               "curve": [asdict(point) for point in state.curve]}})
 
     # A word (previous, baseline, none) names no model here: `compress train` distils from a checkpoint only.
     teacher_path = recipe.train.teacher if isinstance(recipe.train.teacher, Path) else None
@@ -105,12 +126,7 @@ def _train(opened: OpenedRecipe, options: TrainOptions) -> dict:
         example = family.example_input(*recipe.input_size, batch_size=2, seed=recipe.seed)
         teacher = opened.teacher(teacher_path, "train.teacher", example, output_contract(forward_eval(model, example)))
     images = recipe.data.images
-    if images is not None:  # no labels: the batches' targets are None and the loss is distillation only
-        batches = family.unlabelled_batches(images, recipe.input_size, recipe.train.batch_size, recipe.seed,
-                                            rank, world, device)
-    else:
-        batches = family.training_batches(recipe.data.root, recipe.input_size, recipe.train.batch_size,
-                                          recipe.seed, rank, world, device)
+    batches = _batches(opened, recipe.seed, rank, world)
     # Skip the batches already consumed so a resumed run sees the same data order.
     for _ in range(state.step):
         next(batches)
@@ -126,6 +142,11 @@ def _train(opened: OpenedRecipe, options: TrainOptions) -> dict:
     if is_main_process():
         if options.evaluate:
             report["metrics"] = _evaluate(opened, model, teacher, progress)
+            if recipe.train.eval_every:
+                curve = [*state.curve, CurvePoint(state.step, report["metrics"])]
+                report["val_curve"] = [asdict(point) for point in curve]
+                report["plateau"] = plateau(curve, opened.metric, state.step)
+                write_curve_plot(out_dir / CURVE_PLOT_NAME, curve, opened.metric)
         # final.pt last: its presence means the training is complete, report included.
         atomic_write_json(out_dir / REPORT_NAME, report)
         save_checkpoint(final, model, family, recipe=record,
@@ -145,6 +166,60 @@ def _evaluate(opened: OpenedRecipe, model: torch.nn.Module, teacher: torch.nn.Mo
         return family.agreement(model, teacher, images, device)
     progress.echo("evaluating on the validation split ...")
     return family.evaluate(model, recipe.data.root, recipe.input_size, device)
+
+
+def _batches(opened: OpenedRecipe, seed: int, rank: int = 0, world: int = 1) -> Iterator:
+    """The training batches: labelled, or with data.images views of photos without labels (targets None)."""
+    recipe, family = opened.recipe, opened.family
+    if recipe.data.images is not None:
+        return family.unlabelled_batches(recipe.data.images, recipe.input_size, recipe.train.batch_size, seed,
+                                         rank, world, opened.device)
+    return family.training_batches(recipe.data.root, recipe.input_size, recipe.train.batch_size, seed,
+                                   rank, world, opened.device)
+
+
+def _measure_copy(opened: OpenedRecipe, model: torch.nn.Module, teacher: torch.nn.Module | None, step: int,
+                  progress: Progress) -> dict[str, float]:
+    """The validation metrics of a copy of ``model`` whose BatchNorm statistics are re-estimated first.
+
+    As the final model's are: the running averages lag the weights by many steps.  The copy and its
+    own batches (seeded by the step) leave the training itself, and a resumed one, untouched.
+    """
+    copy = deepcopy(model)
+    recalibrate_batchnorm(copy, _batches(opened, opened.recipe.seed + 1_000 + step), BN_CALIBRATION_BATCHES)
+    copy.eval()
+    metrics = _evaluate(opened, copy, teacher, progress)
+    progress.echo(f"step {step}: {_format_metrics(metrics)}")
+    return metrics
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
+
+
+def plateau(curve: list[CurvePoint], metric: str, steps: int) -> dict[str, float | int | bool | None]:
+    """How much ``metric`` changed over the last quarter of training: from the point at or before 3/4 of the steps.
+
+    ``plateaued`` when it gained less than :data:`PLATEAU_GAIN` (it may also have fallen).
+    """
+    points = [point for point in curve if metric in point.metrics]
+    start = [point for point in points if point.step <= 0.75 * steps]
+    if not start or not points or start[-1].step == points[-1].step:
+        return {"metric": metric, "from_step": None, "gain": None, "plateaued": None}
+    gain = points[-1].metrics[metric] - start[-1].metrics[metric]
+    return {"metric": metric, "from_step": start[-1].step, "to_step": points[-1].step, "gain": gain,
+            "plateaued": gain < PLATEAU_GAIN}
+
+
+def write_curve_plot(path: Path, curve: list[CurvePoint], metric: str) -> None:
+    """The validation curve as a PNG, with the metric's interval as a band when the family gives one."""
+    points = [point for point in curve if metric in point.metrics]
+    low, high = f"{metric}_low", f"{metric}_high"
+    intervals = ([(p.metrics[low], p.metrics[high]) for p in points]
+                 if all(low in p.metrics and high in p.metrics for p in points) else None)
+    series = plots.Series(metric, [(p.step, p.metrics[metric]) for p in points], intervals, band=True)
+    png = plots.series_png([series], title=f"validation {metric} during training", x_label="step", y_label=metric)
+    atomic_write_bytes(path, lambda file: file.write(png))
 
 
 def _train_state(path: Path, checkpoint: dict) -> dict:

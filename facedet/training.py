@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .data import DataError, EvalTransform, FaceDataset, TrainTransform, collate, ensure_embedded_dataset
 from .detect import detect
-from .evaluation import average_precision, format_prediction_file
+from .evaluation import average_precision_interval, format_prediction_file
 from .loss import DistillationLoss, MultiBoxLoss
 from .priors import make_priors
 
@@ -93,17 +93,20 @@ def distillation_loss(student: tuple[Tensor, Tensor, Tensor], teacher: tuple[Ten
 
 @torch.no_grad()
 def evaluate_ap(model: nn.Module, root: Path | None, size: int, device: torch.device | str = "cpu",
-                batch_size: int = 8, predictions_dir: Path | None = None) -> dict[str, float]:
-    """AP at IoU 0.5 on the validation split (the WIDER FACE protocol's code, one setting).
+                batch_size: int = 8, predictions_dir: Path | None = None, split: str = "val") -> dict[str, float]:
+    """AP at IoU 0.5 on a labelled split (the WIDER FACE protocol's code, one setting), with its interval.
 
-    With ``predictions_dir``, also writes the detections in the standard layout
-    (``<folder>/<image>.txt``, boxes in original image pixels).
+    ``ap_low`` and ``ap_high`` bound the 95% percentile bootstrap interval over
+    images (:func:`~facedet.evaluation.average_precision_interval`), so two
+    models' APs can be told apart from noise. With ``predictions_dir``, also
+    writes the detections in the standard layout (``<folder>/<image>.txt``,
+    boxes in original image pixels).
     """
-    dataset = FaceDataset(resolve_root(root), "val", EvalTransform(size))
-    split = dataset.root / dataset.split
+    dataset = FaceDataset(resolve_root(root), split, EvalTransform(size))
+    folder = dataset.root / dataset.split
     if not any(len(sample.boxes) for sample in dataset.samples):
-        raise DataError(f"{split}: none of the {len(dataset)} usable images has a face annotation "
-                        "(AP needs val/label.txt with faces)")
+        raise DataError(f"{folder}: none of the {len(dataset)} usable images has a face annotation "
+                        f"(AP needs {split}/label.txt with faces)")
     records = []
     for start in range(0, len(dataset), batch_size):
         indices = range(start, min(start + batch_size, len(dataset)))
@@ -120,5 +123,12 @@ def evaluate_ap(model: nn.Module, root: Path | None, size: int, device: torch.de
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(format_prediction_file(image.name, boxes, scores))
     if not any(len(record[2]) for record in records):
-        raise DataError(f"{split}: every annotated face lies outside its image; AP is undefined")
-    return {"ap": float(average_precision(records)), "val_images": float(len(records))}
+        raise DataError(f"{folder}: every annotated face lies outside its image; AP is undefined")
+    interval = average_precision_interval(records)
+    return {"ap": interval.value, "ap_low": interval.low, "ap_high": interval.high,
+            f"{split}_images": float(len(records))}
+
+
+def has_split(root: Path | None, split: str) -> bool:
+    """Whether the dataset at ``root`` (the embedded default when None) has ``split`` with labels."""
+    return (resolve_root(root) / split / "label.txt").is_file()

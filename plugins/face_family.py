@@ -177,12 +177,19 @@ class FaceDetectorFamily(ModelFamily):
         return training.distillation_loss(student_outputs, teacher_outputs, temperature, without_labels)
 
     def evaluate(self, model: nn.Module, data_root: Path | None, input_size: tuple[int, int],
-                 device: torch.device | None = None) -> dict[str, float]:
+                 device: torch.device | None = None, split: str = "val") -> dict[str, float]:
+        """AP on ``split`` with its 95% bootstrap interval over images (``ap_low``, ``ap_high``)."""
         try:
-            metrics = training.evaluate_ap(model, data_root, _square(input_size), device or "cpu")
+            metrics = training.evaluate_ap(model, data_root, _square(input_size), device or "cpu", split=split)
         except DataError as err:  # the root, a label file, the images, a split without faces
             raise UsageError(str(err)) from err
-        return {"ap": metrics["ap"]}
+        return {key: metrics[key] for key in ("ap", "ap_low", "ap_high")}
+
+    def has_test_split(self, data_root: Path | None) -> bool:
+        try:
+            return training.has_split(data_root, "test")
+        except DataError as err:
+            raise UsageError(str(err)) from err
 
     def calibration_inputs(self, data_root: Path | None, images: Path | None, input_size: tuple[int, int],
                            count: int) -> Calibration:

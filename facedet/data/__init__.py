@@ -32,7 +32,7 @@ from facedet.data.transforms import (
     random_square_crop,
 )
 from facedet.data.unlabelled import unlabelled_batches
-from facedet.data.widerface import FaceDataset, Sample, read_image_list, read_label_file
+from facedet.data.widerface import SPLITS, FaceDataset, Sample, read_image_list, read_label_file
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -42,6 +42,7 @@ __all__ = [
     "FaceDataset",
     "ImageError",
     "NoUsableImagesError",
+    "SPLITS",
     "Photometric",
     "Sample",
     "TrainTransform",

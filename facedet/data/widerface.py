@@ -46,6 +46,7 @@ from .images import ImageError, max_pixels_limit, read_image
 
 __all__ = [
     "NUM_LANDMARKS",
+    "SPLITS",
     "Sample",
     "read_label_file",
     "read_image_list",
@@ -58,6 +59,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NUM_LANDMARKS = 5
+# The splits a dataset root may hold; "test" is held out: only ever measured, never tuned on.
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 _FULL_LINE = 4 + 3 * NUM_LANDMARKS + 1
 _BOX_ONLY_LINE = 4
 
@@ -366,8 +369,8 @@ class FaceDataset(Dataset):
         min_images: int = 1,
         needed_for: str = "",
     ) -> None:
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.root = Path(root)
         self.split = split
         self.transform = transform
