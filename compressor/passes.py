@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,6 +32,9 @@ class PassContext:
     #: A fixed, image-like batch (for tracing and data-driven importance).
     example_input: Tensor
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: ``sample_inputs(count)``: a batch of ``count`` real, preprocessed inputs from the run's data
+    #: (the family's calibration data), for passes that measure on real data; None when there is none.
+    sample_inputs: Callable[[int], Tensor] | None = None
 
 
 @dataclass(frozen=True)

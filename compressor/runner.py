@@ -69,6 +69,12 @@ class RunContext:
     def recipe(self) -> Recipe:
         return self.opened.recipe
 
+    def sample_inputs(self, count: int) -> torch.Tensor:
+        """``count`` real inputs from the run's data, as int8 calibration reads them (the family's choice)."""
+        recipe = self.recipe
+        calibration = self.family.calibration_inputs(recipe.data.root, recipe.data.images, recipe.input_size, count)
+        return torch.cat(calibration.images).to(self.device)
+
     @property
     def family(self) -> ModelFamily:
         return self.opened.family
@@ -278,7 +284,8 @@ def _apply(ctx: RunContext, where: str, stage: Stage, params: Any,
            model: nn.Module) -> tuple[nn.Module, int, dict[str, Any]]:
     """Apply the pass (repeatedly, with ``until``) to a copy, so the input model stays intact."""
     instance: Pass = ctx.opened.app.registry.get_pass(stage.pass_name)()
-    pass_ctx = PassContext(family=ctx.family, example_input=ctx.example, device=ctx.device)
+    pass_ctx = PassContext(family=ctx.family, example_input=ctx.example, device=ctx.device,
+                           sample_inputs=ctx.sample_inputs)
     try:
         instance.check(model, params, pass_ctx)
     except ValueError as err:
