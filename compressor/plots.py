@@ -372,6 +372,7 @@ class Series:
     intervals: Sequence[tuple[float, float]] | None = None
     joined: bool = True
     band: bool = False  # the intervals as a shaded band (a curve), not as error bars
+    labels: Sequence[str] | None = None  # a small text beside each point (e.g. which run it is); none by default
 
 
 def series_png(
@@ -434,6 +435,9 @@ def series_png(
                             zorder=2)
             ax.plot(px, py, color=colour_, linewidth=1.8 if one.joined else 0, marker="o", markersize=5,
                     label=one.label, zorder=3)
+            for x, y, text in zip(px, py, one.labels or ()):
+                ax.annotate(str(text), (x, y), xytext=(5, 5), textcoords="offset points", fontsize=8,
+                            color=colour_, zorder=4)
         if len(series) > 1:
             ax.legend(loc="best", frameon=False)
 

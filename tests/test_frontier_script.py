@@ -1,0 +1,174 @@
+"""benchmarks/frontier.py on three real tiny runs: the points it reads, the plots and table it writes, its errors.
+
+The runs are real ``compress run`` folders (64x64 FeatherFace on a 4/2/2-image
+embedded dataset, no finetuning), so their records carry a held-out ``test_ap``
+with its interval, as the real ones do; latency is one forward per model at
+64x64, each in a fresh process, as in the real measurement.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from compressor.cli import cli
+from facedet.data import generate_embedded_dataset
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "frontier.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STAGES = {
+    "prune@0.3": "  - pass: prune\n    params: {ratio: 0.3}\n",
+    "prune@0.5": "  - pass: prune\n    params: {ratio: 0.5}\n",
+    "ssh": "  - pass: ssh_slim\n    params: {conv: plain}\n",
+}
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_frontier", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def report(folder: Path) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, checkpoint) -> dict[str, Path]:
+    """label -> run folder: three compress runs from one teacher checkpoint."""
+    tmp = tmp_path_factory.mktemp("frontier")
+    data = generate_embedded_dataset(tmp / "data", num_train=4, num_val=2, num_test=2, size=64)
+    folders = {}
+    for index, (label, stages) in enumerate(STAGES.items()):
+        recipe = tmp / f"recipe{index}.yaml"
+        recipe.write_text(f"model: {{family: featherface, checkpoint: {checkpoint}}}\ninput_size: 64\nseed: 0\n"
+                          f"data: {{root: {data}}}\nfinetune: {{steps: 0}}\nstages:\n{stages}")
+        folders[label] = tmp / f"run{index}"
+        result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(folders[label]), "--quiet"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return folders
+
+
+@pytest.fixture(scope="module")
+def measured(runs, tmp_path_factory) -> tuple[Path, list[str]]:
+    out = tmp_path_factory.mktemp("frontier-out") / "frontier"
+    argv = [arg for label, folder in runs.items() for arg in ("--run", f"{label}={folder}")]
+    argv += ["--latency-runs", "1", "--warmup", "0", "--rounds", "1", "--input-size", "64", "--out", str(out)]
+    assert load_script().main(argv) == 0  # the parent here; every model is timed in its own child process
+    return out, argv
+
+
+def test_points_are_the_records(runs, measured):
+    out, _ = measured
+    result = json.loads((out / "frontier.json").read_text())
+    points = {p["label"]: p for p in result["points"]}
+    assert list(points) == ["teacher", *STAGES]
+    teacher = points["teacher"]
+    first = report(runs["prune@0.3"])
+    assert teacher["params"] == first["baseline"]["params"]["total"] == 592_371
+    assert teacher["test_ap"] == first["baseline"]["metrics"]["test_ap"] and teacher["series"] is None
+    for label, folder in runs.items():
+        final = report(folder)["final"]
+        point = points[label]
+        assert point["params"] == final["params"]["total"]
+        assert (point["test_ap"], point["low"], point["high"]) == tuple(
+            final["metrics"][key] for key in ("test_ap", "test_ap_low", "test_ap_high"))
+        assert point["split"] == "test" and point["source"] == str(folder.resolve())
+    assert points["prune@0.3"]["params"] > points["prune@0.5"]["params"]
+    assert points["prune@0.3"]["series"] == points["prune@0.5"]["series"] == "prune"
+    assert points["ssh"]["series"] is None
+    for point in points.values():
+        assert point["low"] <= point["ap"] <= point["high"]
+        assert point["latency_ms"] > 0 and len(point["latency_per_round_ms"]) == 1
+    assert result["settings"]["input_size"] == [64, 64] and result["notes"] == []
+
+
+def test_plots_and_table(measured):
+    out, argv = measured
+    for name in ("frontier_params.png", "frontier_latency.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    document = (out / "frontier.md").read_text()
+    assert "frontier.py --run prune@0.3=" in document and "--latency-runs 1" in document  # the command
+    assert "| teacher | — | 592,371 |" in document and "64×64, 1 thread" in document
+    assert all(f"| {label} |" in document for label in STAGES)
+    assert "validation ¹" not in document
+
+
+def test_val_fallback_series_option_and_no_latency(runs, tmp_path, capsys):
+    """A run without test AP is shown with its validation AP and marked; --series moves a run into a series."""
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(runs["ssh"] / "final.pt", old / "final.pt")
+    record = report(runs["ssh"])
+    record["final"]["metrics"] = {k: v for k, v in record["final"]["metrics"].items() if not k.startswith("test_")}
+    (old / "report.json").write_text(json.dumps(record))
+    out = tmp_path / "out"
+    code = load_script().main(["--run", f"a={runs['prune@0.3']}", "--run", f"old={old}", "--series", "old=prune",
+                               "--series", "a=prune", "--latency-runs", "0", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    points = {p["label"]: p for p in json.loads((out / "frontier.json").read_text())["points"]}
+    assert points["old"]["split"] == "validation" and points["old"]["test_ap"] is None
+    assert points["old"]["ap"] == record["final"]["metrics"]["ap"] and points["old"]["series"] == "prune"
+    assert points["a"]["latency_ms"] is None
+    document = (out / "frontier.md").read_text()
+    assert "(validation ¹)" in document and "no held-out test AP" in document and "not measured" in document
+    assert (out / "frontier_params.png").is_file() and not (out / "frontier_latency.png").exists()
+
+
+def test_runs_with_different_teachers_are_one_line(runs, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(runs["ssh"] / "final.pt", other / "final.pt")
+    record = report(runs["ssh"])
+    record["baseline"]["params"]["total"] = 500_000
+    (other / "report.json").write_text(json.dumps(record))
+    code = load_script().main(["--run", f"a={runs['prune@0.3']}", "--run", f"b={other}", "--latency-runs", "0",
+                               "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "do not share a teacher" in lines[0] and "500,000" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_size_fails_before_measuring(runs, tmp_path, capsys):
+    code = load_script().main(["--run", f"a={runs['ssh']}", "--input-size", "65", "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--input-size 65" in lines[0] and "multiples of 32" in lines[0]
+    assert "round" not in captured.err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "no_final", "malformed", "no_label", "no_folder", "unknown_series",
+                                  "twice"])
+def test_bad_input_is_one_line(case, runs, tmp_path):
+    run = f"a={runs['ssh']}"
+    no_final = tmp_path / "unfinished"
+    no_final.mkdir()
+    shutil.copy(runs["ssh"] / "report.json", no_final / "report.json")
+    args, expected = {
+        "missing": (["--run", f"a={tmp_path / 'nope'}"], "no such run folder"),
+        "no_final": (["--run", f"a={no_final}"], "no final.pt"),
+        "malformed": (["--run", str(runs["ssh"])], "LABEL=VALUE"),
+        "no_label": (["--run", f"={runs['ssh']}"], "LABEL=VALUE"),
+        "no_folder": (["--run", "a="], "run folder is missing"),
+        "unknown_series": (["--run", run, "--series", "b=x"], "no --run is labelled 'b'"),
+        "twice": (["--run", run, "--run", run], "given twice"),
+    }[case]
+    result = run_script(*args, "--latency-runs", "0", "--out", str(tmp_path / "out"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+    assert not (tmp_path / "out").exists()
