@@ -60,6 +60,16 @@ class Calibration:
     source: str
 
 
+@dataclass(frozen=True)
+class PairedMetrics:
+    """Two models measured on the same data (:meth:`ModelFamily.evaluate_pair`)."""
+
+    reference: dict[str, float]
+    model: dict[str, float]
+    #: ``m_drop`` = reference minus model for each metric ``m``; ``m_drop_low``/``m_drop_high`` where paired.
+    drop: dict[str, float]
+
+
 class ModelFamily(ABC):
     """A family of architectures that can be described by a serialisable spec."""
 
@@ -195,6 +205,21 @@ class ModelFamily(ABC):
         (held out: the engine measures only the starting and the final model on it).
         """
         raise NotImplementedError
+
+    def evaluate_pair(self, reference: nn.Module, model: nn.Module, data_root: Path | None,
+                      input_size: tuple[int, int], device: torch.device | None = None,
+                      split: str = "test") -> PairedMetrics:
+        """Both models' :meth:`evaluate` metrics on ``split``, and how much ``model`` lost against ``reference``.
+
+        The drop of each metric ``m`` is ``m_drop`` (reference minus model).  This default
+        measures each model alone and subtracts; a family that can pair the two per image
+        adds the paired interval (``m_drop_low``, ``m_drop_high``), which says whether a drop is real.
+        """
+        first = self.evaluate(reference, data_root, input_size, device, split=split)
+        second = self.evaluate(model, data_root, input_size, device, split=split)
+        drop = {f"{key}_drop": first[key] - second[key] for key in first
+                if key in second and not key.endswith(("_low", "_high"))}
+        return PairedMetrics(first, second, drop)
 
     def has_test_split(self, data_root: Path | None) -> bool:
         """Whether the labelled data at ``data_root`` (the family's default when None) holds a held-out test split."""

@@ -353,17 +353,20 @@ def _test_section(record: RunRecord) -> list[str]:
     if not rows:
         return []
     names = [k for k in rows[0][1].metrics if k.startswith(TEST_PREFIX)]
-    names = [k for k in names if not _is_bound(k, names)]
+    names = [k for k in names if not _is_bound(k, names) and not k.endswith("_drop")]
     table = [[label, _int(measured.params.total), *(_metric_cell(measured.metrics, k) for k in names)]
              for label, measured in rows]
     lines = ["## Held-out test split", "",
              "Measured on the baseline and the final model only; stages and recipes are tuned on the "
              "validation split. Brackets: the 95% bootstrap interval over images.", "",
              *_table(["model", "params", *names], table, set(range(1, 2 + len(names))))]
-    if len(rows) == 2 and record.metric and TEST_PREFIX + record.metric in rows[1][1].metrics:
-        key = TEST_PREFIX + record.metric
-        drop = rows[0][1].metrics[key] - rows[1][1].metrics[key]
-        lines += [f"Drop in {key}: {drop:+.4f} (baseline minus final).", ""]
+    drop = f"{TEST_PREFIX}{record.metric}_drop"
+    if record.final is not None and drop in record.final.metrics:
+        paired = f"{drop}_low" in record.final.metrics
+        how = ("; brackets: its 95% paired bootstrap interval, both models scored on each resample of the images"
+               if paired else "")
+        lines += [f"Drop in {TEST_PREFIX}{record.metric}: {_metric_cell(record.final.metrics, drop)} "
+                  f"(baseline minus final{how}).", ""]
     return lines
 
 

@@ -23,7 +23,7 @@ from . import accounting
 from .budget import Budget, check_budget
 from .checkpoint import FINAL_NAME, LoadedModel, open_model, save_checkpoint
 from .errors import CheckFailed, UsageError
-from .family import ModelFamily
+from .family import ModelFamily, PairedMetrics
 from .export import export_onnx
 from .finite import describe_non_finite, non_finite_tensors
 from .onnx_model import OnnxModel
@@ -135,7 +135,7 @@ def _run(opened: OpenedRecipe, options: RunOptions) -> RunRecord:
         ctx.record = RunRecord(
             recipe=recipe_record, family=family.name, metric=opened.metric or None, mode=mode, data=opened.data,
             # With data.eval_images the starting model is measured against itself too (1.0 when all is well).
-            baseline=Measured.of(_measure(ctx, first_model), _evaluate(ctx, first_model) | _evaluate_test(ctx, first_model)),
+            baseline=Measured.of(_measure(ctx, first_model), _evaluate(ctx, first_model)),
             stages=[StageRecord(name=s.label, pass_name=s.pass_name) for s in recipe.stages],
         )
         model = copy.deepcopy(first_model)
@@ -396,26 +396,33 @@ def _evaluate(ctx: RunContext, model: nn.Module) -> dict[str, float]:
     return ctx.family.evaluate(model, ctx.recipe.data.root, ctx.recipe.input_size, ctx.device)
 
 
-def _evaluate_test(ctx: RunContext, model: nn.Module) -> dict[str, float]:
-    """The metrics on the family's held-out test split, prefixed ``test_``: only the starting and the final model.
+def _held_out(ctx: RunContext, model: nn.Module) -> PairedMetrics | None:
+    """The starting and the final model on the family's held-out test split, paired image by image.
 
-    Nothing is tuned on them (stages are measured on the validation split); empty when the
-    run does not evaluate, measures agreement (data.eval_images), or the data has no test split.
+    Only these two are measured there (stages are measured on the validation split, and
+    recipes tuned on it), once, at the end.  None when the run does not evaluate, measures
+    agreement (data.eval_images), or the data has no test split.
     """
     if not ctx.mode.evaluate or not is_main_process() or ctx.recipe.data.eval_images is not None:
-        return {}
+        return None
     if not ctx.family.has_test_split(ctx.recipe.data.root):
-        return {}
-    ctx.progress.echo("    evaluating on the held-out test split ...")
-    metrics = ctx.family.evaluate(model, ctx.recipe.data.root, ctx.recipe.input_size, ctx.device, split="test")
+        return None
+    ctx.progress.echo("evaluating the starting and the final model on the held-out test split ...")
+    return ctx.family.evaluate_pair(ctx.starting_model, model, ctx.recipe.data.root, ctx.recipe.input_size,
+                                    ctx.device, split="test")
+
+
+def _test_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {f"{TEST_PREFIX}{key}": value for key, value in metrics.items()}
 
 
 def _finish(ctx: RunContext, model: nn.Module) -> RunRecord:
     done = ctx.record.completed
     metrics = dict(done[-1][1].metrics) if done else dict(ctx.record.baseline.metrics)
-    metrics = {key: value for key, value in metrics.items() if not key.startswith(TEST_PREFIX)}
-    metrics |= _evaluate_test(ctx, model)
+    held_out = _held_out(ctx, model)
+    if held_out is not None:
+        ctx.record.baseline.metrics |= _test_metrics(held_out.reference)
+        metrics |= _test_metrics(held_out.model | held_out.drop)
     ctx.record.final = Measured.of(_measure(ctx, model), metrics)
     verdict = ctx.record.budget_check = ctx.record.budget_verdict()
     _write(ctx)

@@ -16,7 +16,12 @@ from torch import Tensor, nn
 
 from .data import DataError, EvalTransform, FaceDataset, TrainTransform, collate, ensure_embedded_dataset
 from .detect import detect
-from .evaluation import average_precision_interval, format_prediction_file
+from .evaluation import (
+    ImageRecord,
+    average_precision_difference_interval,
+    average_precision_interval,
+    format_prediction_file,
+)
 from .loss import DistillationLoss, MultiBoxLoss
 from .priors import make_priors
 
@@ -92,15 +97,12 @@ def distillation_loss(student: tuple[Tensor, Tensor, Tensor], teacher: tuple[Ten
 
 
 @torch.no_grad()
-def evaluate_ap(model: nn.Module, root: Path | None, size: int, device: torch.device | str = "cpu",
-                batch_size: int = 8, predictions_dir: Path | None = None, split: str = "val") -> dict[str, float]:
-    """AP at IoU 0.5 on a labelled split (the WIDER FACE protocol's code, one setting), with its interval.
+def split_results(model: nn.Module, root: Path | None, size: int, device: torch.device | str = "cpu",
+                  batch_size: int = 8, split: str = "val", predictions_dir: Path | None = None) -> list[ImageRecord]:
+    """``model``'s detections and the ground truth on every image of a labelled split, in original pixels.
 
-    ``ap_low`` and ``ap_high`` bound the 95% percentile bootstrap interval over
-    images (:func:`~facedet.evaluation.average_precision_interval`), so two
-    models' APs can be told apart from noise. With ``predictions_dir``, also
-    writes the detections in the standard layout (``<folder>/<image>.txt``,
-    boxes in original image pixels).
+    With ``predictions_dir``, also writes the detections in the standard layout
+    (``<folder>/<image>.txt``).
     """
     dataset = FaceDataset(resolve_root(root), split, EvalTransform(size))
     folder = dataset.root / dataset.split
@@ -124,9 +126,35 @@ def evaluate_ap(model: nn.Module, root: Path | None, size: int, device: torch.de
                 path.write_text(format_prediction_file(image.name, boxes, scores))
     if not any(len(record[2]) for record in records):
         raise DataError(f"{folder}: every annotated face lies outside its image; AP is undefined")
+    return records
+
+
+def evaluate_ap(model: nn.Module, root: Path | None, size: int, device: torch.device | str = "cpu",
+                batch_size: int = 8, predictions_dir: Path | None = None, split: str = "val") -> dict[str, float]:
+    """AP at IoU 0.5 on a labelled split (the WIDER FACE protocol's code, one setting), with its interval.
+
+    ``ap_low`` and ``ap_high`` bound the 95% percentile bootstrap interval over
+    images (:func:`~facedet.evaluation.average_precision_interval`), so two
+    models' APs can be told apart from noise.
+    """
+    records = split_results(model, root, size, device, batch_size, split, predictions_dir)
+    return {**_ap_metrics(records), f"{split}_images": float(len(records))}
+
+
+def evaluate_ap_drop(reference: nn.Module, model: nn.Module, root: Path | None, size: int,
+                     device: torch.device | str = "cpu", split: str = "test"
+                     ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Both models' AP on ``split`` and the drop AP(reference) - AP(model), with its paired bootstrap interval."""
+    first = split_results(reference, root, size, device, split=split)
+    second = split_results(model, root, size, device, split=split)
+    drop = average_precision_difference_interval(first, second)
+    return _ap_metrics(first), _ap_metrics(second), {"ap_drop": drop.value, "ap_drop_low": drop.low,
+                                                     "ap_drop_high": drop.high}
+
+
+def _ap_metrics(records: list[ImageRecord]) -> dict[str, float]:
     interval = average_precision_interval(records)
-    return {"ap": interval.value, "ap_low": interval.low, "ap_high": interval.high,
-            f"{split}_images": float(len(records))}
+    return {"ap": interval.value, "ap_low": interval.low, "ap_high": interval.high}
 
 
 def has_split(root: Path | None, split: str) -> bool:

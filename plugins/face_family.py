@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from compressor.errors import UsageError
-from compressor.family import Calibration, ModelFamily
+from compressor.family import Calibration, ModelFamily, PairedMetrics
 from facedet import training
 from facedet.agreement import KEEP_TOP_K, NMS_THRESHOLD, REFERENCE_THRESHOLD, agreement_ap
 from facedet.boxes import VARIANCES
@@ -184,6 +184,17 @@ class FaceDetectorFamily(ModelFamily):
         except DataError as err:  # the root, a label file, the images, a split without faces
             raise UsageError(str(err)) from err
         return {key: metrics[key] for key in ("ap", "ap_low", "ap_high")}
+
+    def evaluate_pair(self, reference: nn.Module, model: nn.Module, data_root: Path | None,
+                      input_size: tuple[int, int], device: torch.device | None = None,
+                      split: str = "test") -> PairedMetrics:
+        """Both APs with their intervals, and the AP drop with its paired bootstrap interval over the same images."""
+        try:
+            first, second, drop = training.evaluate_ap_drop(reference, model, data_root, _square(input_size),
+                                                            device or "cpu", split=split)
+        except DataError as err:
+            raise UsageError(str(err)) from err
+        return PairedMetrics(first, second, drop)
 
     def has_test_split(self, data_root: Path | None) -> bool:
         try:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from facedet.evaluation import average_precision, average_precision_interval
+from facedet.evaluation import average_precision, average_precision_difference_interval, average_precision_interval
 
 FACE = np.array([[10.0, 10.0, 50.0, 50.0]])
 FOUND = (FACE, np.array([0.9]), FACE, None)  # one face, found
@@ -38,3 +38,47 @@ def test_the_interval_is_seeded_and_narrows_with_more_images():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         average_precision_interval([FOUND], **kwargs)
+
+
+# ------------------------------------------------------------------ the paired difference
+
+
+def test_the_same_results_differ_by_exactly_zero():
+    images = [FOUND, MISSED] * 30
+    drop = average_precision_difference_interval(images, images, resamples=300)
+    assert drop.value == drop.low == drop.high == 0.0
+
+
+def test_a_drop_on_a_known_share_of_images_follows_the_binomial_distribution():
+    """The reference finds every face; the model misses the faces of 20 images out of 100.
+
+    On a resample of n=100 images with k of the missed ones, AP(reference) = 1 and AP(model) = 1 - k/n,
+    so the drop is k/n with k ~ Binomial(100, 0.2): 95% in [0.12, 0.28].  Unpaired, each AP's own
+    interval would be the reference's [1, 1] and the model's [0.72, 0.88]: the same width here, but in
+    general (both models miss the same hard images) pairing cancels what the images share.
+    """
+    reference = [FOUND] * 100
+    model = [MISSED] * 20 + [FOUND] * 80
+    drop = average_precision_difference_interval(reference, model, resamples=4000, seed=2)
+    assert drop.value == pytest.approx(0.2)
+    low, high = binom.ppf([0.025, 0.975], 100, 0.2) / 100
+    assert drop.low == pytest.approx(low, abs=0.011) and drop.high == pytest.approx(high, abs=0.011)
+
+
+def test_pairing_cancels_what_both_models_share():
+    """Both miss the same 50 hard images and the model misses 5 more: its own interval is wide, the drop's narrow."""
+    reference = [MISSED] * 50 + [FOUND] * 50
+    model = [MISSED] * 55 + [FOUND] * 45
+    own = average_precision_interval(model, resamples=2000, seed=4)
+    drop = average_precision_difference_interval(reference, model, resamples=2000, seed=4)
+    assert drop.value == pytest.approx(0.05)
+    assert drop.high - drop.low < (own.high - own.low) / 2
+    assert drop.low >= 0.0  # the model never finds more than the reference on any resample
+
+
+def test_results_on_different_images_are_refused():
+    with pytest.raises(ValueError, match="same images"):
+        average_precision_difference_interval([FOUND] * 3, [FOUND] * 4)
+    two_faces = (FACE, np.array([0.9]), np.vstack([FACE, FACE + 60]), None)
+    with pytest.raises(ValueError, match="face counts differ"):
+        average_precision_difference_interval([FOUND], [two_faces])
