@@ -54,9 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -65,13 +63,19 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (the tests) rather than run
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_support import (MEASURE_ONE, OneLineParser, ScriptError, child_parser, environment, exit_on_error,
+                            format_load, last_line, load_average, non_negative, positive, print_result, run_child,
+                            threads_label, usable_cores)
+
+SCRIPT = Path(__file__).resolve()
+REPO = SCRIPT.parents[1]
 DEFAULT_V2 = REPO / "runs" / "v2"
 V2_RECIPE = REPO / "recipes" / "v2.yaml"
 MACS_SIZE = 640
-MEASURE_ONE = "--measure-one"
 COUNT_ONE = "--count-one"
 MIB = 1024 * 1024
 RUNTIMES = ("eager", "onnx", "int8")
@@ -85,22 +89,7 @@ UNTRAINED_NOTE = ("V2 built from recipes/v2.yaml with --no-finetune on a freshly
                   "its weights are untrained (latency, MACs and memory do not depend on the weights)")
 
 
-class BenchmarkError(Exception):
-    """A problem reported as one line; ``exit_code`` follows the compress CLI (2 bad input, 1 failure)."""
-
-    def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 # ---------------------------------------------------------------- command line
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (like the compress CLI's), exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def _int_list(text: str) -> list[int]:
@@ -121,25 +110,8 @@ def _runtime_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))  # in the order given, each once
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 0")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _non_negative(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
-    return value
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="compare.py",
         description="Measure the baseline and the compressed V2 side by side in PyTorch eager and ONNX Runtime "
                     "(fp32, int8): parameters, MACs, file sizes, CPU latency and peak memory, each measurement "
@@ -154,11 +126,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "(ONNX Runtime, int8 export) (default: eager,onnx,int8)")
     parser.add_argument("--sizes", type=_int_list, default=[640, 320], help="square input sides (default: 640,320)")
     parser.add_argument("--threads", type=_int_list, default=[1, 2], help="CPU thread counts (default: 1,2)")
-    parser.add_argument("--macs-size", type=_positive, default=MACS_SIZE,
+    parser.add_argument("--macs-size", type=positive, default=MACS_SIZE,
                         help=f"square input side for the MAC count (default: {MACS_SIZE})")
-    parser.add_argument("--runs", type=_positive, default=20, help="timed forwards per measurement (default: 20)")
-    parser.add_argument("--warmup", type=_non_negative, default=5, help="untimed forwards first (default: 5)")
-    parser.add_argument("--rounds", type=_positive, default=3,
+    parser.add_argument("--runs", type=positive, default=20, help="timed forwards per measurement (default: 20)")
+    parser.add_argument("--warmup", type=non_negative, default=5, help="untimed forwards first (default: 5)")
+    parser.add_argument("--rounds", type=positive, default=3,
                         help="times the whole matrix is measured, round after round; a cell reports the median "
                              "over rounds (default: 3)")
     parser.add_argument("--artifacts", type=Path, default=None,
@@ -288,58 +260,15 @@ def _count_run(args: argparse.Namespace) -> dict[str, Any]:
 
 def child_main(mode: str, argv: list[str]) -> int:
     """The hidden child modes: measure one (model, size, threads), or count one model; print JSON on one line."""
-    parser = _OneLineParser(prog=f"compare.py {mode}")
-    parser.add_argument("--source", required=True)
-    if mode == MEASURE_ONE:
-        parser.add_argument("--size", type=_positive, required=True)
-        parser.add_argument("--threads", type=_positive, required=True)
-        parser.add_argument("--runs", type=_positive, required=True)
-        parser.add_argument("--warmup", type=_non_negative, required=True)
-    else:
+    parser = child_parser(f"compare.py {mode}", measure=mode == MEASURE_ONE)
+    if mode != MEASURE_ONE:
         parser.add_argument("--check-sizes", type=_int_list, default=[])
-        parser.add_argument("--macs-size", type=_positive, default=MACS_SIZE)
+        parser.add_argument("--macs-size", type=positive, default=MACS_SIZE)
     args = parser.parse_args(argv)
-    from compressor.errors import CompressorError
-
-    try:
-        result = _measure_run(args) if mode == MEASURE_ONE else _count_run(args)
-    except CompressorError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(json.dumps(result))
-    return 0
+    return print_result(lambda: _measure_run(args) if mode == MEASURE_ONE else _count_run(args))
 
 
 # ------------------------------------------------------------ parent: orchestrate
-
-
-def _child_env(threads: int | None) -> dict[str, str]:
-    """The environment of a child: OpenMP/MKL pools sized before the child imports torch."""
-    env = dict(os.environ)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    return env
-
-
-def _last_line(done: subprocess.CompletedProcess) -> str:
-    """A failed command's reason: its last line on stderr, without the ``error:`` prefix."""
-    lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-    return lines[-1].removeprefix("error: ").removeprefix("Error: ")
-
-
-def run_child(mode: str, args: list[str], threads: int | None, what: str) -> dict[str, Any]:
-    """Run this script in a hidden child mode and return its JSON.
-
-    ``subprocess.run`` blocks: the parent sleeps while the child measures.
-    """
-    command = [sys.executable, str(Path(__file__).resolve()), mode, *args]
-    done = subprocess.run(command, capture_output=True, text=True, env=_child_env(threads))
-    if done.returncode != 0:
-        raise BenchmarkError(f"{what}: {_last_line(done)}", 2 if done.returncode == 2 else 1)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        raise BenchmarkError(f"{what}: the measuring process printed no result", 1)
-    return json.loads(lines[-1])
 
 
 def _as_source(text: str) -> str:
@@ -363,10 +292,10 @@ def resolve_v2(requested: str | None, workdir: Path) -> tuple[str, list[str]]:
     """
     if requested is not None:
         if not Path(requested).exists():
-            raise BenchmarkError(f"--v2 {requested}: no such run folder or checkpoint")
+            raise ScriptError(f"--v2 {requested}: no such run folder or checkpoint")
         if Path(requested).is_dir() and not _is_run_folder(Path(requested)):
             # Checked here rather than in the child: it would fail only after the baseline's first measurement.
-            raise BenchmarkError(f"--v2 {requested}: a folder with neither final.pt nor checkpoints/ (not a run folder)")
+            raise ScriptError(f"--v2 {requested}: a folder with neither final.pt nor checkpoints/ (not a run folder)")
         return _as_source(requested), []
     if DEFAULT_V2.exists():
         return str(DEFAULT_V2), []
@@ -388,7 +317,7 @@ def build_untrained_v2(workdir: Path) -> str:
                "--out", str(out), "--set", "model.checkpoint=null"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
-        raise BenchmarkError(f"building V2 from {V2_RECIPE.relative_to(REPO)}: {_last_line(done)}", 1)
+        raise ScriptError(f"building V2 from {V2_RECIPE.relative_to(REPO)}: {last_line(done)}", 1)
     print(f"note: {UNTRAINED_NOTE}", file=sys.stderr)
     return str(out)
 
@@ -440,7 +369,7 @@ def export_one(model: Model, runtime: str, size: int, folder: Path, calibration_
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     seconds = round(time.perf_counter() - started, 1)
     if done.returncode != 0:
-        return Export(out, seconds, error=f"export{' --int8' if runtime == 'int8' else ''}: {_last_line(done)}")
+        return Export(out, seconds, error=f"export{' --int8' if runtime == 'int8' else ''}: {last_line(done)}")
     if not out.is_file():
         return Export(out, seconds, error=f"export: exit status 0 but no file at {out}")
     record_file = out.with_name(out.name + ".json")  # compressor.export.record_path
@@ -494,7 +423,7 @@ def measure_all(models: list[Model], args: argparse.Namespace,
                 for runtime in args.runtimes:
                     for model in models:
                         cell = (model.key, runtime, size, threads)
-                        what = f"{model.label} {RUNTIME_LABELS[runtime]} at {size}x{size}, {_threads(threads)}"
+                        what = f"{model.label} {RUNTIME_LABELS[runtime]} at {size}x{size}, {threads_label(threads)}"
                         export = exports.get((model.key, runtime, size))
                         if export is not None and export.error is not None:
                             failed.setdefault(cell, export.error)
@@ -504,8 +433,8 @@ def measure_all(models: list[Model], args: argparse.Namespace,
                         child_args = ["--source", source, "--size", str(size), "--threads", str(threads),
                                       "--runs", str(args.runs), "--warmup", str(args.warmup)]
                         try:
-                            result = run_child(MEASURE_ONE, child_args, threads, what)
-                        except BenchmarkError as err:
+                            result = run_child(SCRIPT, [MEASURE_ONE, *child_args], threads, what)
+                        except ScriptError as err:
                             if runtime == "eager":
                                 raise
                             failed[cell] = str(err).removeprefix(f"{what}: ")
@@ -552,20 +481,6 @@ def cells_of(key: str, runtime: str, args: argparse.Namespace, results: dict[Cel
     return cells
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float] | None:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
 def machine_warnings(load: list[float] | None, threads: list[int]) -> list[str]:
     """What makes the timings less trustworthy: other processes running, more threads than cores."""
     warnings = []
@@ -576,33 +491,6 @@ def machine_warnings(load: list[float] | None, threads: list[int]) -> list[str]:
     if cores and max(threads) > cores:
         warnings.append(f"{max(threads)} threads on {cores} usable core(s): threads share cores, timings are inflated")
     return warnings
-
-
-def usable_cores() -> int | None:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def environment(versions: dict[str, str | None], argv: list[str], started: datetime,
-                load: list[float] | None) -> dict[str, Any]:
-    return {
-        "torch": versions["torch"],
-        "onnxruntime": versions.get("onnxruntime"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "usable_cores": usable_cores(),
-        # A busy machine slows every number; the load before the run says whether it was quiet.
-        "load_average_at_start": load,
-        "load_average_at_end": load_average(),
-        "date": started.isoformat(timespec="seconds"),
-        "command": command_line(argv),
-    }
-
-
-def command_line(argv: list[str]) -> str:
-    script = os.path.relpath(Path(__file__).resolve(), Path.cwd())
-    return shlex.join(["python", script, *argv])
 
 
 def speedups(baseline: list[dict[str, Any]], v2: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -656,10 +544,6 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ markdown
-
-
-def _threads(count: int) -> str:
-    return f"{count} thread" if count == 1 else f"{count} threads"
 
 
 def _g(macs: int) -> str:
@@ -718,7 +602,7 @@ def _latency_table(report: dict[str, Any]) -> list[str]:
              "baseline in PyTorch eager at the same size and threads; int8 also against the same model's "
              "ONNX Runtime fp32.",
              "",
-             "| model | runtime | " + " | ".join(f"{s}×{s}, {_threads(t)}" for s, t in columns) + " |",
+             "| model | runtime | " + " | ".join(f"{s}×{s}, {threads_label(t)}" for s, t in columns) + " |",
              "| --- | --- |" + " ---: |" * len(columns)]
     for key, runtime, entry in _rows(report):
         cells = []
@@ -740,7 +624,7 @@ def _latency_table(report: dict[str, Any]) -> list[str]:
 
 def _headline_lines(report: dict[str, Any]) -> list[str]:
     head = report["headline"]
-    where = f"at {head['size']}, {_threads(head['threads'])}"
+    where = f"at {head['size']}, {threads_label(head['threads'])}"
 
     def factor(value: float | None, needs: list[tuple[str, str]]) -> str:
         if value is not None:
@@ -769,7 +653,7 @@ def _files_table(report: dict[str, Any]) -> list[str]:
     settings = report["settings"]
     threads = settings["threads"][0]
     lines = ["File each runtime runs (eager: the checkpoint; ONNX: the export at the first size that exported) and "
-             f"peak RSS of the process at {_threads(threads)} (in brackets: what the forwards added over the "
+             f"peak RSS of the process at {threads_label(threads)} (in brackets: what the forwards added over the "
              "RSS after load).",
              "",
              "| model | runtime | file | max \\|ONNX Runtime − PyTorch\\| | "
@@ -824,7 +708,7 @@ def markdown_document(report: dict[str, Any], table: str) -> str:
         f"Command: `{env['command']}`",
         f"{env['date']}, {env['cpu_model']}, {env['usable_cores']} usable core(s), torch {env['torch']}, "
         f"onnxruntime {env['onnxruntime'] or 'not installed'}, load average at start "
-        f"{_load(env['load_average_at_start'])}, at end {_load(env['load_average_at_end'])}.",
+        f"{format_load(env['load_average_at_start'])}, at end {format_load(env['load_average_at_end'])}.",
         "",
         table,
         "Each latency and memory figure comes from a fresh process that loads one model and runs "
@@ -844,10 +728,6 @@ def markdown_document(report: dict[str, Any], table: str) -> str:
     return "\n".join(notes) + "\n"
 
 
-def _load(load: list[float] | None) -> str:
-    return "n/a" if not load else ", ".join(f"{v:.2f}" for v in load)
-
-
 # ---------------------------------------------------------------------- main
 
 
@@ -857,9 +737,9 @@ def collect(args: argparse.Namespace, argv: list[str], workdir: Path) -> dict[st
     v2_source, v2_notes = resolve_v2(args.v2, workdir)  # a missing --v2 fails here, before any other output
     if args.calibration_images is not None:
         if "int8" not in args.runtimes:
-            raise BenchmarkError("--calibration-images is for the int8 runtime, which --runtimes leaves out")
+            raise ScriptError("--calibration-images is for the int8 runtime, which --runtimes leaves out")
         if not args.calibration_images.is_dir():
-            raise BenchmarkError(f"--calibration-images {args.calibration_images}: no such folder")
+            raise ScriptError(f"--calibration-images {args.calibration_images}: no such folder")
         args.calibration_images = args.calibration_images.resolve()  # the exports run in the repository root
     warnings = machine_warnings(load, args.threads)
     for warning in warnings:
@@ -868,8 +748,8 @@ def collect(args: argparse.Namespace, argv: list[str], workdir: Path) -> dict[st
     models = [Model("baseline", "baseline", baseline_source, []), Model("v2", "V2", v2_source, v2_notes)]
     # Counts first: they check every size, so a bad one fails before minutes of exports.
     print("counting parameters and MACs:", file=sys.stderr)
-    counts = {m.key: run_child(COUNT_ONE, ["--source", m.source, "--macs-size", str(args.macs_size),
-                                           "--check-sizes", ",".join(map(str, args.sizes))], None, m.label)
+    counts = {m.key: run_child(SCRIPT, [COUNT_ONE, "--source", m.source, "--macs-size", str(args.macs_size),
+                                        "--check-sizes", ",".join(map(str, args.sizes))], None, m.label)
               for m in models}
     keep = args.artifacts is not None
     folder = args.artifacts.resolve() if keep else workdir / "artifacts"
@@ -884,7 +764,8 @@ def collect(args: argparse.Namespace, argv: list[str], workdir: Path) -> dict[st
                      "artifacts": str(folder) if keep else None,
                      "calibration_images": str(args.calibration_images) if args.calibration_images else None},
         "models": {},
-        "environment": environment(versions, argv, started, load),
+        "environment": environment({"torch": versions["torch"], "onnxruntime": versions.get("onnxruntime")},
+                                   SCRIPT, argv, started, load),
         "warnings": warnings,
     }
     for model in models:
@@ -906,7 +787,8 @@ def collect(args: argparse.Namespace, argv: list[str], workdir: Path) -> dict[st
         report["speedup"] = speedups(report["models"]["baseline"]["latency"], report["models"]["v2"]["latency"])
     report["speedups"] = runtime_speedups(report)
     report["headline"] = headline(report)
-    report["unavailable"] = [f"{m.label} {RUNTIME_LABELS[r]} at {s}x{s}, {_threads(t)}: {failed[(m.key, r, s, t)]}"
+    report["unavailable"] = [f"{m.label} {RUNTIME_LABELS[r]} at {s}x{s}, {threads_label(t)}: "
+                             f"{failed[(m.key, r, s, t)]}"
                              for m in models for r in args.runtimes for s in args.sizes for t in args.threads
                              if (m.key, r, s, t) in failed]
     return report
@@ -936,16 +818,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in ([MEASURE_ONE], [COUNT_ONE]):
         return child_main(argv[0], argv[1:])
     args = parse_args(argv)
-    try:
-        with tempfile.TemporaryDirectory(prefix="compare-v2-") as workdir:
-            report = collect(args, argv, Path(workdir))
-        document = write_outputs(report, args.out)
-    except BenchmarkError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return exit_on_error(lambda: benchmark(args, argv))
+
+
+def benchmark(args: argparse.Namespace, argv: list[str]) -> int:
+    """Measure, write the outputs and print the markdown; ``main`` turns a ScriptError into its one line."""
+    with tempfile.TemporaryDirectory(prefix="compare-v2-") as workdir:
+        report = collect(args, argv, Path(workdir))
+    document = write_outputs(report, args.out)
     print(document, end="")
     for line in report["unavailable"]:
         print(f"n/a: {line}", file=sys.stderr)

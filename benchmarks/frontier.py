@@ -41,19 +41,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-MEASURE_ONE = "--measure-one"
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (the tests) rather than run
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_support import (MEASURE_ONE, OneLineParser, ScriptError, child_parser, environment, exit_on_error,
+                            format_load, load_average, non_negative, positive, print_result, run_child,
+                            threads_label)
+
+SCRIPT = Path(__file__).resolve()
+REPO = SCRIPT.parents[1]
 TEACHER = "teacher"
 REPORT, FINAL = "report.json", "final.pt"
 #: Two runs share a teacher when their baselines' AP differ by no more than this (the same checkpoint on
@@ -64,22 +66,7 @@ SPLIT_NOTE = ("no held-out test AP in its record (a run from before the test spl
               "its validation AP is shown instead")
 
 
-class FrontierError(Exception):
-    """A problem reported as one line; ``exit_code`` follows the compress CLI (2 bad input, 1 failure)."""
-
-    def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 # ---------------------------------------------------------------- command line
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (like the compress CLI's), exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -98,25 +85,8 @@ def _run_pair(text: str) -> tuple[str, str]:
     return label, folder
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 0")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _non_negative(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
-    return value
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="frontier.py",
         description="Plot held-out test AP (with its interval) against parameters and CPU latency for several "
                     "compress run folders, the teacher among them.")
@@ -128,14 +98,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--teacher", type=Path, default=None,
                         help="the teacher's checkpoint for its latency (default: the runs' model.checkpoint as "
                              "recorded; the family's baseline when they started from none)")
-    parser.add_argument("--latency-runs", type=_non_negative, default=10,
+    parser.add_argument("--latency-runs", type=non_negative, default=10,
                         help="timed forwards per measurement; 0 skips latency and its plot (default: 10)")
-    parser.add_argument("--warmup", type=_non_negative, default=5, help="untimed forwards first (default: 5)")
-    parser.add_argument("--rounds", type=_positive, default=3,
+    parser.add_argument("--warmup", type=non_negative, default=5, help="untimed forwards first (default: 5)")
+    parser.add_argument("--rounds", type=positive, default=3,
                         help="times every model is measured, round after round, each in a fresh process; a point "
                              "reports the median over rounds (default: 3)")
-    parser.add_argument("--threads", type=_positive, default=1, help="CPU threads (torch.set_num_threads; default: 1)")
-    parser.add_argument("--input-size", type=_positive, default=640,
+    parser.add_argument("--threads", type=positive, default=1, help="CPU threads (torch.set_num_threads; default: 1)")
+    parser.add_argument("--input-size", type=positive, default=640,
                         help="square input side of the timed forwards (default: 640)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "frontier",
                         help="output folder (default: benchmarks/results/frontier)")
@@ -164,42 +134,15 @@ def _measure_run(args: argparse.Namespace) -> dict[str, Any]:
 
 def child_main(argv: list[str]) -> int:
     """Time one model in this fresh process; print the result as one JSON line."""
-    parser = _OneLineParser(prog=f"frontier.py {MEASURE_ONE}")
-    parser.add_argument("--source", required=True)
-    parser.add_argument("--size", type=_positive, required=True)
-    parser.add_argument("--threads", type=_positive, required=True)
-    parser.add_argument("--runs", type=_positive, required=True)
-    parser.add_argument("--warmup", type=_non_negative, required=True)
-    args = parser.parse_args(argv)
-    from compressor.errors import CompressorError
-
-    try:
-        result = _measure_run(args)
-    except CompressorError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(json.dumps(result))
-    return 0
+    args = child_parser(f"frontier.py {MEASURE_ONE}").parse_args(argv)
+    return print_result(lambda: _measure_run(args))
 
 
-def _last_line(done: subprocess.CompletedProcess) -> str:
-    lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-    return lines[-1].removeprefix("error: ").removeprefix("Error: ")
-
-
-def run_child(source: str, args: argparse.Namespace, what: str) -> dict[str, Any]:
+def measure_one(source: str, args: argparse.Namespace, what: str) -> dict[str, Any]:
     """This script in ``--measure-one`` mode on ``source``; the parent blocks (and computes nothing) meanwhile."""
-    command = [sys.executable, str(Path(__file__).resolve()), MEASURE_ONE, "--source", source,
-               "--size", str(args.input_size), "--threads", str(args.threads),
-               "--runs", str(args.latency_runs), "--warmup", str(args.warmup)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise FrontierError(f"{what}: {_last_line(done)}", 2 if done.returncode == 2 else 1)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        raise FrontierError(f"{what}: the measuring process printed no result", 1)
-    return json.loads(lines[-1])
+    return run_child(SCRIPT, [MEASURE_ONE, "--source", source, "--size", str(args.input_size),
+                              "--threads", str(args.threads), "--runs", str(args.latency_runs),
+                              "--warmup", str(args.warmup)], args.threads, what)
 
 
 # ------------------------------------------------------------ parent: the points
@@ -235,7 +178,7 @@ def series_of(labels: list[str], explicit: list[tuple[str, str]]) -> dict[str, s
     series: dict[str, str | None] = {label: (label.split("@", 1)[0] if "@" in label else None) for label in labels}
     for label, name in explicit:
         if label not in series:
-            raise FrontierError(f"--series {label}={name}: no --run is labelled {label!r}")
+            raise ScriptError(f"--series {label}={name}: no --run is labelled {label!r}")
         series[label] = name or None
     return series
 
@@ -245,13 +188,13 @@ def check_folder(label: str, folder: str) -> Path:
     path = Path(folder)
     what = f"--run {label}={folder}"
     if not path.exists():
-        raise FrontierError(f"{what}: no such run folder")
+        raise ScriptError(f"{what}: no such run folder")
     if not path.is_dir():
-        raise FrontierError(f"{what}: not a folder (a run folder written by compress run)")
+        raise ScriptError(f"{what}: not a folder (a run folder written by compress run)")
     if not (path / REPORT).is_file():
-        raise FrontierError(f"{what}: no {REPORT} (not a folder written by compress run)")
+        raise ScriptError(f"{what}: no {REPORT} (not a folder written by compress run)")
     if not (path / FINAL).is_file():
-        raise FrontierError(f"{what}: no {FINAL}: the run has no final model (unfinished or failed)")
+        raise ScriptError(f"{what}: no {FINAL}: the run has no final model (unfinished or failed)")
     return path.resolve()
 
 
@@ -263,7 +206,7 @@ def accuracy(metrics: dict[str, float], where: str) -> tuple[float, float | None
         if key in metrics:
             low, high = (metrics.get(key + suffix) for suffix in INTERVAL_SUFFIXES)
             return metrics[key], low, high, split
-    raise FrontierError(f"{where}: no AP in the record (a run without evaluation, or a family without an AP)")
+    raise ScriptError(f"{where}: no AP in the record (a run without evaluation, or a family without an AP)")
 
 
 def read_points(args: argparse.Namespace) -> tuple[Point, list[Point], list[str]]:
@@ -271,13 +214,13 @@ def read_points(args: argparse.Namespace) -> tuple[Point, list[Point], list[str]
     labels = [label for label, _ in args.runs]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
-        raise FrontierError(f"--run {duplicates[0]}=...: the label is given twice")
+        raise ScriptError(f"--run {duplicates[0]}=...: the label is given twice")
     if TEACHER in labels:
-        raise FrontierError(f"--run {TEACHER}=...: '{TEACHER}' is the baseline's label; name the run otherwise")
+        raise ScriptError(f"--run {TEACHER}=...: '{TEACHER}' is the baseline's label; name the run otherwise")
     series = series_of(labels, args.series)
     folders = [check_folder(label, folder) for label, folder in args.runs]  # all of them before reading any
     if args.teacher is not None and args.latency_runs and not args.teacher.is_file():
-        raise FrontierError(f"--teacher {args.teacher}: no such checkpoint")
+        raise ScriptError(f"--teacher {args.teacher}: no such checkpoint")
 
     from compressor.record import read_record
 
@@ -288,11 +231,11 @@ def read_points(args: argparse.Namespace) -> tuple[Point, list[Point], list[str]
         try:
             record = read_record((folder / REPORT).read_text(encoding="utf-8"), str(folder / REPORT))
         except (OSError, UnicodeDecodeError) as err:
-            raise FrontierError(f"{where}: cannot read {REPORT} ({err})") from None
+            raise ScriptError(f"{where}: cannot read {REPORT} ({err})") from None
         except ValueError as err:
-            raise FrontierError(str(err)) from None
+            raise ScriptError(str(err)) from None
         if record.final is None:
-            raise FrontierError(f"{where}: {REPORT} has no final model (unfinished or failed run)")
+            raise ScriptError(f"{where}: {REPORT} has no final model (unfinished or failed run)")
         ap, low, high, split = accuracy(record.final.metrics, where)
         point = Point(label, series[label], given, str(folder), str(folder / FINAL), record.family,
                       record.final.params.total, ap, low, high, split)
@@ -314,7 +257,7 @@ def check_input_size(family_name: str, size: int) -> None:
     try:
         load_registry().get_family(family_name).check_input_size(size, size)
     except CompressorError as err:
-        raise FrontierError(f"--input-size {size}: {err}") from None
+        raise ScriptError(f"--input-size {size}: {err}") from None
 
 
 def teacher_point(records: list[tuple[str, Any]], args: argparse.Namespace, notes: list[str]) -> Point:
@@ -336,7 +279,7 @@ def teacher_point(records: list[tuple[str, Any]], args: argparse.Namespace, note
                 shown = f"{value:.4f}" if value is not None else "not measured"
                 return f"{record.family}, {record.baseline.params.total:,} parameters, {key} {shown}"
 
-            raise FrontierError(f"the runs do not share a teacher: the baseline of {where} is {described(first)}, "
+            raise ScriptError(f"the runs do not share a teacher: the baseline of {where} is {described(first)}, "
                                 f"of {other_where} {described(other)}")
     if split != "test":
         notes.append(f"{TEACHER}: {SPLIT_NOTE}")
@@ -358,7 +301,7 @@ def teacher_model(record: Any, args: argparse.Namespace) -> tuple[str, str | Non
     if not path.is_absolute():  # records hold the recipe's paths resolved; an older one may not
         path = Path.cwd() / path
     if args.latency_runs and not path.is_file():
-        raise FrontierError(f"the teacher's checkpoint {recorded} (model.checkpoint in the runs' recipe) does not "
+        raise ScriptError(f"the teacher's checkpoint {recorded} (model.checkpoint in the runs' recipe) does not "
                             "exist: give it with --teacher PATH, or skip latency with --latency-runs 0")
     return str(path), None
 
@@ -370,9 +313,9 @@ def measure(points: list[Point], args: argparse.Namespace) -> str | None:
         print(f"round {round_index}/{args.rounds} (each model in a fresh process):", file=sys.stderr)
         for point in points:
             what = f"{point.label} ({point.model})"
-            result = run_child(point.model, args, what)
+            result = measure_one(point.model, args, what)
             if result["params"] != point.params:
-                raise FrontierError(f"{what}: {result['params']:,} parameters, but its run record says "
+                raise ScriptError(f"{what}: {result['params']:,} parameters, but its run record says "
                                     f"{point.params:,}")
             point.per_round_ms.append(result["median_ms"])
             torch_version = result["torch"]
@@ -432,8 +375,7 @@ def draw(teacher: Point, points: list[Point], args: argparse.Namespace, out: Pat
 
 
 def _setting(args: argparse.Namespace) -> str:
-    threads = "1 thread" if args.threads == 1 else f"{args.threads} threads"
-    return f"PyTorch eager, batch 1, {args.input_size}×{args.input_size}, {threads}"
+    return f"PyTorch eager, batch 1, {args.input_size}×{args.input_size}, {threads_label(args.threads)}"
 
 
 def _ap_cell(p: Point) -> str:
@@ -450,8 +392,8 @@ def markdown(report: dict[str, Any], teacher: Point, points: list[Point], args: 
     lines = ["# The frontier: held-out test AP against parameters and CPU latency", "",
              f"Command: `{env['command']}`", "",
              f"Machine: {env['cpu_model']}, {env['usable_cores']} usable core(s), torch {env['torch']}, "
-             f"Python {env['python']}, {env['date']}; load average at start {_load(env['load_average_at_start'])}, "
-             f"at end {_load(env['load_average_at_end'])}.", ""]
+             f"Python {env['python']}, {env['date']}; load average at start "
+             f"{format_load(env['load_average_at_start'])}, at end {format_load(env['load_average_at_end'])}.", ""]
     if args.latency_runs:
         lines += [f"Latency: {_setting(args)}; each model timed in a fresh process ({args.warmup} warm-up and "
                   f"{args.latency_runs} timed forwards, `compressor.accounting.measure_latency`), {args.rounds} "
@@ -483,33 +425,6 @@ def markdown(report: dict[str, Any], teacher: Point, points: list[Point], args: 
     return "\n".join(lines) + "\n"
 
 
-def _load(load: list[float] | None) -> str:
-    return "n/a" if not load else ", ".join(f"{v:.2f}" for v in load)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float] | None:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def usable_cores() -> int | None:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def command_line(argv: list[str]) -> str:
-    script = os.path.relpath(Path(__file__).resolve(), Path.cwd())
-    return shlex.join(["python", script, *argv])
-
-
 # ---------------------------------------------------------------------- main
 
 
@@ -527,10 +442,7 @@ def collect(args: argparse.Namespace, argv: list[str]) -> tuple[dict[str, Any], 
                      "runtime": "PyTorch eager"},
         "points": [teacher.to_dict(), *(p.to_dict() for p in points)],
         "notes": notes,
-        "environment": {"torch": torch_version, "python": platform.python_version(), "platform": platform.platform(),
-                        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "usable_cores": usable_cores(),
-                        "load_average_at_start": load, "load_average_at_end": load_average(),
-                        "date": started.isoformat(timespec="seconds"), "command": command_line(argv)},
+        "environment": environment({"torch": torch_version}, SCRIPT, argv, started, load),
     }
     return report, teacher, points
 
@@ -540,23 +452,21 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == [MEASURE_ONE]:
         return child_main(argv[1:])
     args = parse_args(argv)
+    return exit_on_error(lambda: frontier(args, argv))
+
+
+def frontier(args: argparse.Namespace, argv: list[str]) -> int:
+    """Read, measure, draw, write the outputs and print the markdown; ``main`` turns a ScriptError into one line."""
+    report, teacher, points = collect(args, argv)
     try:
-        report, teacher, points = collect(args, argv)
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-            files = draw(teacher, points, args, args.out)
-            document = markdown(report, teacher, points, args, files)
-            report["files"] = files
-            (args.out / "frontier.json").write_text(json.dumps(report, indent=2) + "\n")
-            (args.out / "frontier.md").write_text(document)
-        except OSError as err:
-            raise FrontierError(f"--out {args.out}: cannot write ({err.strerror or err})") from None
-    except FrontierError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        args.out.mkdir(parents=True, exist_ok=True)
+        files = draw(teacher, points, args, args.out)
+        document = markdown(report, teacher, points, args, files)
+        report["files"] = files
+        (args.out / "frontier.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "frontier.md").write_text(document)
+    except OSError as err:
+        raise ScriptError(f"--out {args.out}: cannot write ({err.strerror or err})") from None
     print(document, end="")
     print(f"wrote {', '.join(str(args.out / name) for name in ['frontier.json', 'frontier.md', *files])}",
           file=sys.stderr)

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import pydantic
-import torch
 from pydantic import Field
 from torch import Tensor, nn
 

@@ -168,7 +168,7 @@ def prune_model(model: nn.Module, params: PruneParams, ctx: Any) -> list[PrunedG
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    _check_rebuilds(model, family)
+    check_rebuilds(model, family)
     return done
 
 
@@ -185,7 +185,7 @@ def dependency_graph(model: nn.Module, example_input: Tensor, hints: PruningHint
         return _build_graph(model, example_input, hints or PruningHints())[0]
 
 
-def _root_types(model: nn.Module, hints: PruningHints) -> tuple[type[nn.Module], ...]:
+def root_types(model: nn.Module, hints: PruningHints) -> tuple[type[nn.Module], ...]:
     """Standard layers, and the customised layers whose pruners give them output channels."""
     custom = []
     for module in model.modules():
@@ -204,7 +204,7 @@ def _build_graph(model: nn.Module, example: Tensor,
     def record(module: nn.Module, inputs: object) -> None:
         order.setdefault(module, len(order))
 
-    roots = _root_types(model, hints)
+    roots = root_types(model, hints)
     handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, roots)]
     try:
         # Untraced modules' ops are channel-preserving no-ops to the graph (one per call).
@@ -244,7 +244,7 @@ def _plan(model: nn.Module, graph: tp.DependencyGraph, order: dict[nn.Module, in
     in_set = {sub: i for i, members in enumerate(hints.tied) for module in members for sub in module.modules()}
 
     plans: list[_Plan] = []
-    for group in graph.get_all_groups(root_module_types=_root_types(model, hints)):
+    for group in graph.get_all_groups(root_module_types=root_types(model, hints)):
         outs = [dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
         producers = [m for m in outs if m in order]
         if not producers:
@@ -258,7 +258,7 @@ def _plan(model: nn.Module, graph: tp.DependencyGraph, order: dict[nn.Module, in
             any(dep.target.type == tp.ops.OPTYPE.OUTPUT for dep, _ in group)  # the output contract
             or any(m in outputs for m in outs)
             or any(m in ignored for m in outs)
-            or any(_grouped(dep.target.module) for dep, _ in group)
+            or any(is_grouped(dep.target.module) for dep, _ in group)
         ):
             continue
         ratio = params.ratios.get(component, params.ratio)
@@ -278,7 +278,7 @@ def _plan(model: nn.Module, graph: tp.DependencyGraph, order: dict[nn.Module, in
     return plans
 
 
-def _grouped(module: Any) -> bool:
+def is_grouped(module: Any) -> bool:
     """A grouped (not depthwise) conv: its channel blocks must shrink alike, which this pass does not do."""
     return isinstance(module, nn.Conv2d) and module.groups > 1 and not (
         module.groups == module.in_channels == module.out_channels)
@@ -326,8 +326,13 @@ def _tie_widths(plans: list[_Plan], set_count: int) -> None:
             plan.remove = smallest[find(min(plan.tied))]
 
 
-def _importance(group: Any, scorer: Any, fallback: Any, hints: PruningHints) -> Tensor:
-    """torch-pruning's group importance, with each customised layer that names one scored as its standard layer."""
+def scoring_view(group: Any, hints: PruningHints) -> list[Any]:
+    """``group`` as torch-pruning's importance estimators should see it.
+
+    A customised layer whose pruner names a standard stand-in (``importance_layer``,
+    e.g. a deformable conv's regular conv) is shown as that layer, so its weights
+    are scored like any conv's instead of being skipped.
+    """
     view = []
     for item in group:
         dep, layer = item.dep, item.dep.target.module
@@ -342,6 +347,12 @@ def _importance(group: Any, scorer: Any, fallback: Any, hints: PruningHints) -> 
         entry = tp._helpers.GroupItem(dep=dep, idxs=list(item.idxs))
         entry.root_idxs = item.root_idxs
         view.append(entry)
+    return view
+
+
+def _importance(group: Any, scorer: Any, fallback: Any, hints: PruningHints) -> Tensor:
+    """torch-pruning's group importance, with each customised layer that names one scored as its standard layer."""
+    view = scoring_view(group, hints)
     for estimator in (scorer, fallback):
         imp = estimator(view)
         if imp is not None and bool(torch.isfinite(imp).all()):
@@ -391,7 +402,7 @@ def _output_energy_gradients(model: nn.Module, example: Tensor) -> None:
 # --- checks -------------------------------------------------------------------
 
 
-def _check_rebuilds(model: nn.Module, family: Any) -> None:
+def check_rebuilds(model: nn.Module, family: Any) -> None:
     """The pruned model must describe itself: its spec builds a model its weights load into."""
     try:
         rebuilt = family.build(family.spec_of(model))
