@@ -205,7 +205,7 @@ def plateau(curve: list[CurvePoint], metric: str, steps: int) -> dict[str, float
     points = [point for point in curve if metric in point.metrics]
     start = [point for point in points if point.step <= 0.75 * steps]
     if not start or not points or start[-1].step == points[-1].step:
-        return {"metric": metric, "from_step": None, "gain": None, "plateaued": None}
+        return {"metric": metric, "from_step": None, "to_step": None, "gain": None, "plateaued": None}
     gain = points[-1].metrics[metric] - start[-1].metrics[metric]
     return {"metric": metric, "from_step": start[-1].step, "to_step": points[-1].step, "gain": gain,
             "plateaued": gain < PLATEAU_GAIN}

@@ -157,7 +157,7 @@ def test_pad_to_square_uses_the_mean_colour():
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
-    return generate_embedded_dataset(tmp_path_factory.mktemp("tiny"), num_train=4, num_val=2, size=160)
+    return generate_embedded_dataset(tmp_path_factory.mktemp("tiny"), num_train=4, num_val=2, num_test=2, size=160)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -165,17 +165,18 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_generation_is_byte_identical(tiny_root, tmp_path):
-    again = generate_embedded_dataset(tmp_path / "again", num_train=4, num_val=2, size=160)
+    again = generate_embedded_dataset(tmp_path / "again", num_train=4, num_val=2, num_test=2, size=160)
     first, second = _files(tiny_root), _files(again)
     assert first.keys() == second.keys()
     assert first == second
-    assert {"train/label.txt", "val/label.txt", "val/wider_val.txt", "manifest.json"} <= first.keys()
+    assert {"train/label.txt", "val/label.txt", "val/wider_val.txt", "test/label.txt", "test/wider_val.txt",
+            "manifest.json"} <= first.keys()
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_generated_split_loads_with_valid_boxes(tiny_root, split):
     dataset = FaceDataset(tiny_root, split)
-    assert len(dataset) == {"train": 4, "val": 2}[split]
+    assert len(dataset) == {"train": 4, "val": 2, "test": 2}[split]
     for image, target in dataset:
         assert image.dtype == torch.uint8 and image.shape == (3, 160, 160)
         assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
@@ -186,9 +187,10 @@ def test_generated_split_loads_with_valid_boxes(tiny_root, split):
         assert not target["landmark_valid"].any() and (target["landmarks"] == -1).all()
 
 
-def test_val_image_list_matches_labels(tiny_root):
-    samples, _ = read_label_file(tiny_root / "val" / "label.txt")
-    assert read_image_list(tiny_root / "val" / "wider_val.txt") == [s.image for s in samples]
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_val_image_list_matches_labels(tiny_root, split):
+    samples, _ = read_label_file(tiny_root / split / "label.txt")
+    assert read_image_list(tiny_root / split / "wider_val.txt") == [s.image for s in samples]
 
 
 def test_planned_faces_cover_all_prior_scales():
@@ -213,7 +215,7 @@ def test_planned_pastes_never_overlap():
 
 def test_ensure_generates_once_atomically(tmp_path, monkeypatch):
     real = synthetic.generate_embedded_dataset
-    monkeypatch.setattr(synthetic, "generate_embedded_dataset", lambda root: real(root, 2, 1, size=96))
+    monkeypatch.setattr(synthetic, "generate_embedded_dataset", lambda root: real(root, 2, 1, 1, size=96))
     monkeypatch.setenv("COMPRESSOR_DATA", str(tmp_path))
 
     root = ensure_embedded_dataset()

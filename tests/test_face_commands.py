@@ -21,7 +21,7 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=2, num_val=3, size=160)
+    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=2, num_val=3, num_test=2, size=160)
 
 
 def test_eval_widerface_reproduces_the_reference(reference_dir, tmp_path):

@@ -61,7 +61,7 @@ def one_line_error(result, *names: str, code: int = 2) -> str:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "d", num_train=4, num_val=2, size=64)
+    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "d", num_train=4, num_val=2, num_test=2, size=64)
 
 
 def copy_of(dataset: Path, tmp_path: Path) -> Path:

@@ -29,7 +29,7 @@ CRASHES = {-signal.SIGSEGV, -signal.SIGBUS, -signal.SIGABRT, -signal.SIGILL, 139
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=8, num_val=4, size=160)
+    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=8, num_val=4, num_test=2, size=160)
 
 
 def python(code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

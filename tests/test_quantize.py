@@ -223,7 +223,7 @@ def test_export_int8_command_writes_the_int8_model_and_its_record(tmp_path, reti
     assert sorted(p.name for p in out.parent.iterdir()) == ["rf.int8.onnx", "rf.int8.onnx.json"]
     evaluated = _invoke("eval", str(out), "--json")
     assert evaluated.exit_code == 0, evaluated.output
-    assert set(json.loads(evaluated.output)) == {"ap", "val_images"}
+    assert set(json.loads(evaluated.output)) == {"ap", "ap_low", "ap_high", "val_images"}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -38,7 +38,7 @@ HELD_TRAIN = Path(__file__).parent / "fixtures" / "held_train.py"
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=8, num_val=4, size=160)
+    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=8, num_val=4, num_test=2, size=160)
 
 
 @pytest.fixture(scope="module")
