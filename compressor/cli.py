@@ -132,6 +132,16 @@ def input_size_option(command: Callable) -> Callable:
                         help="Input size (height x width); default: the model's recipe's, else its family's.")(command)
 
 
+def no_finetune_option(command: Callable) -> Callable:
+    return click.option("--no-finetune", is_flag=True,
+                        help="Skip finetuning and accuracy evaluation: passes, structural checks and budgets only "
+                             "(fast); an accuracy budget is then reported as not checked.")(command)
+
+
+def quiet_option(command: Callable) -> Callable:
+    return click.option("--quiet", is_flag=True, help="No progress output.")(command)
+
+
 def overrides_option(command: Callable) -> Callable:
     return click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
                         help="Override a recipe field (repeatable), e.g. --set finetune.lr=0.0005.")(command)
@@ -461,13 +471,11 @@ def validate(recipe: Path, overrides: tuple[str, ...], plugins: tuple[str, ...],
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="The run folder it writes (default: runs/<recipe name>).")
 @click.option("--resume", is_flag=True, help="Continue the run in the run folder after its last completed stage.")
-@click.option("--no-finetune", is_flag=True,
-              help="Skip finetuning and accuracy evaluation: passes, structural checks and budgets only (fast); "
-                   "an accuracy budget is then reported as not checked.")
+@no_finetune_option
 @overrides_option
 @device_option
 @plugin_option
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@quiet_option
 @json_option
 @handle_errors
 def run(recipe: Path, out_dir: Path | None, resume: bool, no_finetune: bool, overrides: tuple[str, ...],
@@ -496,7 +504,7 @@ def run(recipe: Path, out_dir: Path | None, resume: bool, no_finetune: bool, ove
 @device_option
 @plugin_option
 @click.option("--no-eval", is_flag=True, help="Skip the accuracy evaluation of the trained model at the end.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@quiet_option
 @json_option
 @handle_errors
 def train_command(recipe: Path, out_dir: Path | None, resume: bool, overrides: tuple[str, ...], device: str,

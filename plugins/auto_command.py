@@ -26,7 +26,16 @@ import yaml
 
 from compressor import hookimpl
 from compressor.atomic import atomic_write_text
-from compressor.cli import app_from, device_option, handle_errors, json_option, overrides_option, plugin_option
+from compressor.cli import (
+    app_from,
+    device_option,
+    handle_errors,
+    json_option,
+    no_finetune_option,
+    overrides_option,
+    plugin_option,
+    quiet_option,
+)
 from compressor.errors import UsageError
 from compressor.recipe import load_recipe, validate_data
 from compressor.record import RunRecord
@@ -90,11 +99,11 @@ def _write_yaml(path: Path, header: str, data: dict[str, Any]) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="The run folder (default: runs/auto-<budget>); auto.yaml and recipe.yaml are written into it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its auto.yaml.")
-@click.option("--no-finetune", is_flag=True, help="Skip finetuning and accuracy evaluation (structure and budget only).")
+@no_finetune_option
 @overrides_option
 @device_option
 @plugin_option
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@quiet_option
 @json_option
 @handle_errors
 def auto(budget: int | None, start: Path | None, base: Path, out_dir: Path | None, resume: bool, no_finetune: bool,
