@@ -82,7 +82,7 @@ from compressor import Pass, hookimpl
 from compressor.accounting import count_parameters
 from compressor.family import PruningHints
 from compressor.passes import PassResult
-from compressor_plugins.prune import PrunedGroup, check_rebuilds, is_grouped, root_types, scoring_view
+from compressor_plugins.prune import PrunedGroup, check_rebuilds, is_grouped, prune_group, root_types, scoring_view
 
 
 class GlobalPruneParams(pydantic.BaseModel):
@@ -385,19 +385,10 @@ def _execute(graph: tp.DependencyGraph, picks: list[_Pick]) -> list[PrunedGroup]
     for pick in picks:
         if pick.remove <= 0:
             continue
-        root = pick.group[0].dep
-        group = graph.get_pruning_group(root.target.module, root.handler, sorted(pick.idxs))
-        if not graph.check_pruning_group(group):
-            continue
-        layers = []
-        for dep, dep_idxs in group:
-            name = names.get(dep.target.module)
-            if name is None:
-                continue
-            kind = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
-            layers.append((name, kind, sorted(int(i) for i in dep_idxs)))
-        group.prune()
-        done.append(PrunedGroup(pick.component, pick.root, pick.channels, sorted(pick.idxs), layers))
+        pruned = prune_group(graph, names, pick.group[0].dep, list(pick.idxs), pick.component, pick.root,
+                             pick.channels)
+        if pruned is not None:
+            done.append(pruned)
     return done
 
 

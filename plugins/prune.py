@@ -364,22 +364,33 @@ def _execute(graph: tp.DependencyGraph, plans: list[_Plan]) -> list[PrunedGroup]
     names = {m: n for n, m in graph.model.named_modules()}
     done = []
     for plan in plans:
-        root = plan.group[0].dep
         idxs = torch.argsort(plan.importance, stable=True)[: plan.remove].tolist()
-        group = graph.get_pruning_group(root.target.module, root.handler, sorted(idxs))
-        if not graph.check_pruning_group(group):
-            continue
-        layers = []
-        for dep, dep_idxs in group:
-            name = names.get(dep.target.module)
-            if name is None:
-                continue
-            kind = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
-            layers.append((name, kind, sorted(int(i) for i in dep_idxs)))
-        group.prune()
-        done.append(PrunedGroup(plan.component, names.get(root.target.module, "?"), plan.channels,
-                                sorted(idxs), layers))
+        root = plan.group[0].dep
+        pruned = prune_group(graph, names, root, idxs, plan.component, names.get(root.target.module, "?"),
+                             plan.channels)
+        if pruned is not None:
+            done.append(pruned)
     return done
+
+
+def prune_group(graph: tp.DependencyGraph, names: dict[nn.Module, str], root: Any, idxs: list[int],
+                component: str, root_name: str, channels: int) -> PrunedGroup | None:
+    """Remove channels ``idxs`` of ``root``'s group, and say what went from each named layer.
+
+    None when torch-pruning refuses the group (``check_pruning_group``); nothing is changed then.
+    """
+    group = graph.get_pruning_group(root.target.module, root.handler, sorted(idxs))
+    if not graph.check_pruning_group(group):
+        return None
+    layers = []
+    for dep, dep_idxs in group:
+        name = names.get(dep.target.module)
+        if name is None:
+            continue
+        kind = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
+        layers.append((name, kind, sorted(int(i) for i in dep_idxs)))
+    group.prune()
+    return PrunedGroup(component, root_name, channels, sorted(idxs), layers)
 
 
 # --- Taylor -------------------------------------------------------------------
