@@ -4,10 +4,17 @@ The BiFPN width is one coupled channel group: every level of every cell is fused
 with the others, the residual CBAMs on the BiFPN outputs gate those channels,
 and the SSH modules' first convs read them.  So one set of kept channels is
 chosen for the whole group and every layer in it is sliced with that set.
+
+Slicing keeps the trained weights but not what the SSH modules see: a narrower,
+shallower BiFPN feeds them other features.  With ``fit_images`` > 0 the plain
+SSH convs that read the BiFPN are refitted by least squares (see
+:mod:`compressor.refit`) so that, from the new BiFPN's outputs, they reproduce
+what they computed before the pass on that many of the run's images.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from typing import Literal, TypeVar
 
@@ -18,6 +25,7 @@ from torch import Tensor, nn
 
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext, PassResult
+from compressor.refit import FitSite, collect_fits
 from compressor.surgery import batchnorm_keep, conv_keep, l1_importance, linear_keep, top_k
 from featherface.modules.bifpn import BiFPNCell, Projection, SeparableConvBN
 from featherface.modules.cbam import ChannelGate
@@ -44,6 +52,10 @@ class BiFPNSlimParams(pydantic.BaseModel):
     importance: Literal["l1", "bn"] = Field(
         "l1", description="Channel ranking: 'l1' sums every group layer's L1 weight on the channel (each layer "
                           "normalised to mean 1); 'bn' sums |gamma| of the BNs that produce the channel.")
+    fit_images: int = Field(
+        0, ge=0, le=256, description="Refit the plain SSH convs that read the BiFPN by least squares, to reproduce "
+                                     "their outputs before the pass on this many of the run's images (at most 256); "
+                                     "0: sliced weights only.")
 
 
 class BiFPNSlim(Pass):
@@ -73,6 +85,9 @@ class BiFPNSlim(Pass):
 
     def apply(self, model: nn.Module, params: BiFPNSlimParams, ctx: PassContext) -> PassResult:
         before = {"channels": model.bifpn[0].channels, "cells": len(model.bifpn)}
+        if params.fit_images and ctx.sample_inputs is None:
+            raise ValueError("fit_images: this run has no images to fit on")
+        reference = copy.deepcopy(model) if params.fit_images else None
         if params.cells is not None:
             model.bifpn = nn.ModuleList(model.bifpn[i] for i in kept_cells(len(model.bifpn), params.cells))
         # Ranked after dropping cells, so that removed layers do not vote for channels.
@@ -80,7 +95,28 @@ class BiFPNSlim(Pass):
             keep = top_k(group_importance(model, params.importance), params.channels)
             slice_group(model, keep)
         after = {"channels": model.bifpn[0].channels, "cells": len(model.bifpn)}
-        return PassResult(model, {"before": before, "after": after})
+        record = {"before": before, "after": after}
+        if reference is not None:
+            record["fit_relative_error"] = refit_ssh_inputs(model, reference, ctx.sample_inputs(params.fit_images))
+        return PassResult(model, record)
+
+
+def refit_ssh_inputs(model: nn.Module, reference: nn.Module, images: Tensor) -> dict[str, dict[str, float]]:
+    """Refit every plain SSH input conv of ``model`` to reproduce ``reference``'s; errors by ``ssh.<level>.<unit>``."""
+    pairs: dict[int, tuple[str, nn.Conv2d, nn.Module]] = {}
+    for level, (new, old) in enumerate(zip(model.ssh, reference.ssh)):
+        for name in SSH_INPUT_UNITS:
+            conv = getattr(new, name).conv
+            if isinstance(conv, nn.Conv2d) and conv.groups == 1 and id(conv) not in pairs:
+                pairs[id(conv)] = (f"ssh.{level}.{name}", conv, getattr(old, name).conv)
+    sites = [FitSite(reads=conv, kernel=conv, reference=old) for _, conv, old in pairs.values()]
+    errors: dict[str, dict[str, float]] = {}
+    for (where, conv, _), fit in zip(pairs.values(), collect_fits(sites, model, reference, images)):
+        kernel, error = fit.solve(conv.weight, bias=conv.bias)
+        with torch.no_grad():
+            conv.weight.copy_(kernel)
+        errors[where] = error.as_record()
+    return errors
 
 
 def kept_cells(count: int, cells: int) -> list[int]:

@@ -18,6 +18,15 @@ diagonal), which is then written out in the target form:
   come from the source DCN (sliced on their inputs) or start at zero, which
   makes a plain source exact.
 
+A DCN's input-dependent sampling is what a fixed kernel cannot keep, and the
+dropped channels of a narrower SSH are what its later convs and its reader no
+longer see.  With ``fit_images`` > 0 every rebuilt plain conv, depth by depth,
+and then every narrowed reader conv gets the kernel that best reproduces what
+its counterpart computed before the pass, from what it now reads, on that many
+of the run's images (least squares over every output position, see
+:mod:`compressor.refit`), in closed form, before any finetuning.  The record
+gives each conv's relative output error with the carried and the fitted kernel.
+
 With ``width_ratio`` < 1 the five convs keep their most important output
 channels (L1 of the kernel times the BN scale).  The three branch outputs,
 concatenated, feed the next layer, which loses the matching input columns: in
@@ -28,6 +37,7 @@ no shuffle, the level's head convs directly (see :func:`reader_of`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
@@ -39,6 +49,7 @@ from torch import Tensor, nn
 
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext, PassResult
+from compressor.refit import FitSite, collect_fits
 from compressor.surgery import batchnorm_keep, conv_keep, dense_conv_weight, grouped_weight, l1_importance, top_k
 from facedet.modules.deform import DeformableConv2d
 from facedet.modules.heads import SeparateHeads, UnifiedHeads
@@ -55,6 +66,8 @@ UNITS = {
 }
 # The units whose outputs are concatenated, in the order of the concatenation.
 BRANCHES = ("conv3x3", "conv5x5_2", "conv7x7_3")
+# Images a refit may ask for: each costs one forward.
+MAX_FIT_IMAGES = 256
 
 
 class SSHSlimParams(pydantic.BaseModel):
@@ -75,6 +88,11 @@ class SSHSlimParams(pydantic.BaseModel):
         True, description="DCN -> plain/grouped: fold the offset and modulator biases (the input-independent "
                           "sampling shift and scale) into the 3x3 kernel; false copies regular_conv.weight as is. "
                           "Both are exact for a DCN whose offset/modulator convs are zero.")
+    fit_images: int = Field(
+        0, ge=0, le=MAX_FIT_IMAGES,
+        description="Refit every rebuilt conv and narrowed reader by least squares to reproduce its outputs before "
+                    f"the pass on this many of the run's images (at most {MAX_FIT_IMAGES}); 0: carried weights only. "
+                    "Grouped and deformable convs keep their carried weights.")
 
     @pydantic.field_validator("levels")
     @classmethod
@@ -148,18 +166,71 @@ class SSHSlim(Pass):
                 _check_groups_divide(ssh.conv3x3.in_channels, widths, params.groups, level)
 
     def apply(self, model: nn.Module, params: SSHSlimParams, ctx: PassContext) -> PassResult:
+        levels = _checked_levels(model, params.levels)
         target = Target.of(params)
+        if params.fit_images and ctx.sample_inputs is None:
+            raise ValueError("fit_images: this run has no images to fit on")
+        reference = copy.deepcopy(model) if params.fit_images else None
+        names = {id(module): name for name, module in model.named_modules()}
         record: list[dict[str, Any]] = []
-        for level in _checked_levels(model, params.levels):
+        rebuilt: list[Rebuilt] = []
+        for level in levels:
             old = model.ssh[level]
             widths = new_widths(old, params.width_ratio, _divisor(model, level), level)
             keep = kept_channels(old, widths, target.fold_offsets)
             model.ssh[level] = rebuild(old, widths, keep, target)
+            readers: tuple[str, ...] = ()
             if widths.out_channels != old.out_channels:
-                required_reader(model, level).narrow(concat_index(old, keep))
+                reader = required_reader(model, level)
+                readers = tuple(names[id(conv)] for conv in reader.convs)
+                reader.narrow(concat_index(old, keep))
+            rebuilt.append(Rebuilt(level, keep, readers))
             record.append({"level": level, "conv": target.kind, "groups": target.groups,
                            "before": asdict(widths_of(old)), "after": asdict(widths)})
+        if reference is not None:
+            errors = refit(model, reference, rebuilt, ctx.sample_inputs(params.fit_images))
+            for entry, level_errors in zip(record, errors):
+                entry["fit_relative_error"] = level_errors
         return PassResult(model, {"levels": record})
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """One rebuilt SSH: its level, each unit's kept output channels, and the (dotted names of) layers reading it
+    that were narrowed with it."""
+
+    level: int
+    keep: dict[str, Tensor]
+    readers: tuple[str, ...]
+
+
+# The SSH units by depth: a unit reads only units of earlier depths, so each depth is refitted on the
+# outputs of the depths before it as already refitted.
+DEPTHS = (("conv3x3", "conv5x5_1"), ("conv5x5_2", "conv7x7_2"), ("conv7x7_3",))
+
+
+def refit(model: nn.Module, reference: nn.Module, rebuilt: list[Rebuilt], images: Tensor) -> list[dict[str, Any]]:
+    """Refit the rebuilt SSHs' plain kernels, depth by depth, then their narrowed readers, to reproduce the
+    reference's outputs (least squares, see :mod:`compressor.refit`); the errors, per rebuilt SSH."""
+    errors: list[dict[str, Any]] = [{} for _ in rebuilt]
+    jobs: list[list[tuple[int, str, nn.Conv2d, nn.Module, Tensor | None]]] = []
+    for depth in DEPTHS:
+        jobs.append([(i, unit, getattr(model.ssh[r.level], unit).conv, getattr(reference.ssh[r.level], unit).conv,
+                      r.keep[unit]) for i, r in enumerate(rebuilt) for unit in depth])
+    jobs.append([(i, name, model.get_submodule(name), reference.get_submodule(name), None)
+                 for i, r in enumerate(rebuilt) for name in r.readers
+                 if _dense(model.get_submodule(name))])
+    for job in jobs:
+        job = [item for item in job if _dense(item[2])]
+        if not job:
+            continue
+        sites = [FitSite(reads=conv, kernel=conv, reference=old) for _, _, conv, old, _ in job]
+        for (i, where, conv, _, keep), fit in zip(job, collect_fits(sites, model, reference, images)):
+            kernel, error = fit.solve(conv.weight, out_index=keep, bias=conv.bias)
+            with torch.no_grad():
+                conv.weight.copy_(kernel)
+            errors[i][where] = error.as_record()
+    return errors
 
 
 @dataclass(frozen=True)
@@ -168,6 +239,8 @@ class Reader:
 
     #: The layers holding those columns (a layer shared between levels cannot narrow for one of them).
     layers: tuple[nn.Module, ...]
+    #: The convs among them whose input columns are narrowed (what a refit refits).
+    convs: tuple[nn.Module, ...]
     #: The SSH output width must stay a multiple of this (a channel shuffle's groups).
     divisor: int
     #: Drops the columns of every channel not in ``kept`` (SSH output indices, ascending, old numbering).
@@ -186,7 +259,7 @@ def reader_of(model: nn.Module, level: int) -> Reader | None:
         block = shuffle[level] if level < len(shuffle) else None
         if not isinstance(block, ChannelShuffleBlock):
             return None
-        return Reader((block,), block.groups, lambda kept: slice_shuffle_input(block, kept))
+        return Reader((block,), (block.reduce,), block.groups, lambda kept: slice_shuffle_input(block, kept))
     lists = head_conv_lists(getattr(model, "heads", None))
     if not lists or not all(level < len(convs) and _dense(convs[level]) for convs in lists):
         return None
@@ -195,7 +268,8 @@ def reader_of(model: nn.Module, level: int) -> Reader | None:
         for convs in lists:
             convs[level] = conv_keep(convs[level], in_index=kept)
 
-    return Reader(tuple(convs[level] for convs in lists), 1, narrow)
+    layers = tuple(convs[level] for convs in lists)
+    return Reader(layers, layers, 1, narrow)
 
 
 def head_conv_lists(heads: nn.Module | None) -> list[nn.ModuleList]:
@@ -347,14 +421,15 @@ def rebuild(old: SSH, widths: Widths, keep: dict[str, Tensor], target: Target) -
     all_inputs = torch.arange(in_channels, device=like.device)
     for unit, (_, source) in UNITS.items():
         in_index = all_inputs if source is None else keep[source]
-        carry_unit(getattr(old, unit), getattr(new, unit), keep[unit], in_index, target.fold_offsets)
+        old_unit = getattr(old, unit)
+        weight = dense_weight(old_unit.conv, target.fold_offsets)[keep[unit]][:, in_index]
+        carry_unit(old_unit, getattr(new, unit), keep[unit], in_index, weight)
     new.train(old.training)
     return new
 
 
-def carry_unit(old: ConvBN, new: ConvBN, out_index: Tensor, in_index: Tensor, fold_offsets: bool) -> None:
-    """Copy the kept rows/columns of ``old``'s kernel and BN into ``new`` (already at the new widths)."""
-    weight = dense_weight(old.conv, fold_offsets)[out_index][:, in_index]
+def carry_unit(old: ConvBN, new: ConvBN, out_index: Tensor, in_index: Tensor, weight: Tensor) -> None:
+    """Copy ``weight`` (the kept rows/columns of ``old``'s dense kernel) and the kept BN channels into ``new``."""
     with torch.no_grad():
         if isinstance(new.conv, DeformableConv2d):
             new.conv.regular_conv.weight.copy_(weight)

@@ -210,6 +210,97 @@ def test_folded_kernel_equals_a_dcn_with_fixed_inward_offsets():
         torch.testing.assert_close(plain(x), dcn(x), atol=1e-5, rtol=1e-5)
 
 
+def _images(count: int, seed: int) -> torch.Tensor:
+    return FAMILY.example_input(64, 64, batch_size=count, seed=seed)
+
+
+def run_refit(registry, model: nn.Module, example: torch.Tensor, fit_images: int):
+    """ssh_slim to plain convs, refitted on images of another seed than ``example``; the model and the record."""
+    pass_cls = registry.get_pass("ssh_slim")
+    parsed = pass_cls.Params(conv="plain", fit_images=fit_images)
+    ctx = PassContext(family=FAMILY, example_input=example, sample_inputs=lambda count: _images(count, seed=7))
+    result = pass_cls().apply(copy.deepcopy(model), parsed, ctx)
+    return result.model.eval(), result.record
+
+
+def test_refit_of_a_dcn_with_zero_offsets_is_lossless(registry, model, example):
+    # A DCN with zero offset/modulator convs is a plain conv: the least-squares kernel is that conv's.
+    slim, record = run_refit(registry, model, example, fit_images=2)
+    for before, after in zip(outputs(model, example), outputs(slim, example)):
+        torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    errors = [e for level in record["levels"] for e in level["fit_relative_error"].values()]
+    assert len(errors) == 15 and all(e["fitted"] < 1e-6 and e["start"] < 1e-6 for e in errors)
+
+
+def test_refit_reproduces_input_dependent_sampling_better_than_folding(registry, model, example):
+    # Offsets that depend on the input cannot be folded into a kernel; the refit keeps more of them,
+    # also on images it was not fitted on (``example`` has another seed).
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for dcn in (m for m in model.modules() if isinstance(m, DeformableConv2d)):
+            dcn.offset_conv.weight.uniform_(-0.05, 0.05)
+            dcn.offset_conv.bias.uniform_(-0.5, 0.5)
+            dcn.modulator_conv.weight.uniform_(-0.05, 0.05)
+    folded = run_pass(registry, "ssh_slim", model, example, conv="plain")
+    fitted, record = run_refit(registry, model, example, fit_images=4)
+    errors = [e for level in record["levels"] for e in level["fit_relative_error"].values()]
+    assert all(e["fitted"] < e["start"] for e in errors), errors
+    reference = outputs(model, example)
+
+    def error(slim: nn.Module) -> float:
+        return sum(float(((a - b) ** 2).mean()) for a, b in zip(reference, outputs(slim, example)))
+
+    assert error(fitted) < error(folded)
+
+
+def test_bifpn_refit_brings_the_ssh_inputs_back(registry, model, example):
+    # On the plain-conv model v2 slims: the refitted SSH input convs reproduce their old outputs better.
+    plain = run_pass(registry, "ssh_slim", model, example, conv="plain")
+    pass_cls = registry.get_pass("bifpn_slim")
+    ctx = PassContext(family=FAMILY, example_input=example, sample_inputs=lambda count: _images(count, seed=7))
+    sliced = run_pass(registry, "bifpn_slim", plain, example, channels=32, cells=2)
+    result = pass_cls().apply(copy.deepcopy(plain), pass_cls.Params(channels=32, cells=2, fit_images=4), ctx)
+    errors = result.record["fit_relative_error"]
+    assert sorted(errors) == [f"ssh.{level}.{unit}" for level in range(3) for unit in ("conv3x3", "conv5x5_1")]
+    assert all(e["fitted"] < e["start"] for e in errors.values()), errors
+    assert components(result.model) == components(sliced)
+    reference = outputs(plain, example)
+
+    def error(slim: nn.Module) -> float:
+        return sum(float(((a - b) ** 2).mean()) for a, b in zip(reference, outputs(slim, example)))
+
+    assert error(result.model.eval()) < error(sliced)
+
+
+def test_ssh_narrowing_refit_refits_the_later_convs_and_the_reader(registry, model, example):
+    plain = run_pass(registry, "ssh_slim", model, example, conv="plain")
+    pass_cls = registry.get_pass("ssh_slim")
+    ctx = PassContext(family=FAMILY, example_input=example, sample_inputs=lambda count: _images(count, seed=7))
+    sliced = run_pass(registry, "ssh_slim", plain, example, conv="plain", width_ratio=0.5)
+    result = pass_cls().apply(copy.deepcopy(plain), pass_cls.Params(conv="plain", width_ratio=0.5, fit_images=4), ctx)
+    for level, entry in enumerate(result.record["levels"]):
+        errors = entry["fit_relative_error"]
+        assert sorted(errors) == sorted([*ssh_slim.UNITS, f"shuffle.{level}.reduce"])
+        # The first convs lose only channels, which slicing keeps exactly; the rest gain from the refit.
+        assert all(errors[unit]["start"] < 1e-9 for unit in ("conv3x3", "conv5x5_1")), errors
+        assert all(e["fitted"] < e["start"] for unit, e in errors.items() if unit not in ("conv3x3", "conv5x5_1"))
+    assert components(result.model) == components(sliced)
+    reference = outputs(plain, example)
+
+    def error(slim: nn.Module) -> float:
+        return sum(float(((a - b) ** 2).mean()) for a, b in zip(reference, outputs(slim, example)))
+
+    assert error(result.model.eval()) < error(sliced)
+
+
+@pytest.mark.parametrize("name", ["ssh_slim", "bifpn_slim"])
+def test_refit_needs_images(registry, model, example, name):
+    pass_cls = registry.get_pass(name)
+    with pytest.raises(ValueError, match="^fit_images:"):
+        pass_cls().apply(copy.deepcopy(model), pass_cls.Params(fit_images=2),
+                         PassContext(family=FAMILY, example_input=example))
+
+
 def test_grouped_weight_is_the_diagonal_blocks():
     dense = torch.arange(4 * 6 * 1 * 1, dtype=torch.float32).view(4, 6, 1, 1)
     grouped = ssh_slim.grouped_weight(dense, 2)
@@ -350,6 +441,7 @@ MODEL_FREE_BAD_PARAMS = [
     ("ssh_slim", {"levels": []}, "levels"),
     ("ssh_slim", {"conv": "grouped", "groups": 1}, "groups"),
     ("ssh_slim", {"conv": "plain", "groups": 2}, "groups"),
+    ("ssh_slim", {"fit_images": -1}, "fit_images"),
 ]
 
 
