@@ -16,7 +16,10 @@ Series: a label ``NAME@REST`` (``auto@150k``) puts the point in series ``NAME``,
 explicitly.  The points of one series are joined by a line in the order of the
 x axis (a frontier); every other point is a marker of its own.  The teacher (the
 starting model, the ``baseline`` of every run) is one more marker: the runs must
-agree on it (family, parameters, AP), or the script stops with one line.
+agree on it (family, parameters, AP), or the script stops with one line.  A run
+that started from a checkpoint inside another ``--run``'s folder (``compress auto
+--from RUN/checkpoints/...``) continues that run: its baseline is not the teacher,
+it is left out of that check, and the notes say where it started.
 
 Latency (skipped with ``--latency-runs 0``): CPU wall time of batch-1 PyTorch eager
 forwards at ``--input-size`` on ``--threads`` threads, timed by the project's one loop
@@ -242,11 +245,30 @@ def read_points(args: argparse.Namespace) -> tuple[Point, list[Point], list[str]
         if split != "test":
             notes.append(f"{label}: {SPLIT_NOTE}")
         points.append(point)
-        teachers.append((where, record))
+        parent = continued_run(record, args.runs, folders)
+        if parent is None:
+            teachers.append((where, record))
+        else:
+            notes.append(f"{label}: started from {parent}; its own baseline is that checkpoint, not the teacher")
+    if not teachers:
+        raise ScriptError("every --run started from another run's checkpoint: none of them says what the teacher is")
     teacher = teacher_point(teachers, args, notes)
     if args.latency_runs:
         check_input_size(teacher.family, args.input_size)
     return teacher, points, notes
+
+
+def continued_run(record: Any, runs: list[tuple[str, str]], folders: list[Path]) -> str | None:
+    """``LABEL's checkpoint NAME`` when the run started from a checkpoint inside another --run's folder
+    (``compress auto --from RUN/checkpoints/...``): its baseline is then that run's model, not the teacher."""
+    start = (record.recipe.get("model") or {}).get("checkpoint")
+    if not start:
+        return None
+    start_path = Path(start).resolve()
+    for (label, _), folder in zip(runs, folders):
+        if start_path.is_relative_to(folder.resolve()):
+            return f"{label}'s checkpoint {start_path.relative_to(folder.resolve())}"
+    return None
 
 
 def check_input_size(family_name: str, size: int) -> None:

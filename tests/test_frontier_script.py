@@ -143,6 +143,26 @@ def test_runs_with_different_teachers_are_one_line(runs, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_continuing_another_keeps_the_teacher(runs, tmp_path, capsys):
+    # `compress auto --from RUN/checkpoints/...`: its baseline is that run's model; the teacher stays the others'.
+    cont = tmp_path / "continued"
+    cont.mkdir()
+    shutil.copy(runs["ssh"] / "final.pt", cont / "final.pt")
+    record = report(runs["ssh"])
+    record["baseline"]["params"]["total"] = 300_000
+    record["recipe"]["model"]["checkpoint"] = str(runs["prune@0.3"] / "final.pt")
+    (cont / "report.json").write_text(json.dumps(record))
+    out = tmp_path / "out"
+    code = load_script().main(["--run", f"a={runs['prune@0.3']}", "--run", f"c={cont}", "--latency-runs", "0",
+                               "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "frontier.json").read_text())
+    teacher = report(runs["prune@0.3"])["baseline"]
+    points = {p["label"]: p for p in result["points"]}
+    assert points["teacher"]["params"] == teacher["params"]["total"] and points["c"]["params"] == record["final"]["params"]["total"]
+    assert any("c: started from a's checkpoint final.pt" in note for note in result["notes"])
+
+
 def test_bad_input_size_fails_before_measuring(runs, tmp_path, capsys):
     code = load_script().main(["--run", f"a={runs['ssh']}", "--input-size", "65", "--out", str(tmp_path / "out")])
     captured = capsys.readouterr()

@@ -17,7 +17,7 @@ def invoke(*args: str):
 
 
 def test_shipped_recipes_validate():
-    for name in ("v2.yaml", "uniform_prune.yaml"):
+    for name in ("v2.yaml", "uniform_prune.yaml", "global_prune.yaml", "auto.yaml", "auto_prune.yaml", "nano.yaml"):
         result = invoke("validate", str(RECIPES / name))
         assert result.exit_code == 0, result.output
 
