@@ -108,14 +108,22 @@ def test_plots_and_table(measured):
     assert "validation ¹" not in document
 
 
+def edited_run(runs, folder: Path, edit) -> tuple[Path, dict]:
+    """A copy of the ``ssh`` run in ``folder`` whose record ``edit`` (a function of the record) changed."""
+    folder.mkdir()
+    shutil.copy(runs["ssh"] / "final.pt", folder / "final.pt")
+    record = report(runs["ssh"])
+    edit(record)
+    (folder / "report.json").write_text(json.dumps(record))
+    return folder, record
+
+
 def test_val_fallback_series_option_and_no_latency(runs, tmp_path, capsys):
     """A run without test AP is shown with its validation AP and marked; --series moves a run into a series."""
-    old = tmp_path / "old"
-    old.mkdir()
-    shutil.copy(runs["ssh"] / "final.pt", old / "final.pt")
-    record = report(runs["ssh"])
-    record["final"]["metrics"] = {k: v for k, v in record["final"]["metrics"].items() if not k.startswith("test_")}
-    (old / "report.json").write_text(json.dumps(record))
+    def without_test(record: dict) -> None:
+        record["final"]["metrics"] = {k: v for k, v in record["final"]["metrics"].items() if not k.startswith("test_")}
+
+    old, record = edited_run(runs, tmp_path / "old", without_test)
     out = tmp_path / "out"
     code = load_script().main(["--run", f"a={runs['prune@0.3']}", "--run", f"old={old}", "--series", "old=prune",
                                "--series", "a=prune", "--latency-runs", "0", "--out", str(out)])
@@ -130,12 +138,7 @@ def test_val_fallback_series_option_and_no_latency(runs, tmp_path, capsys):
 
 
 def test_runs_with_different_teachers_are_one_line(runs, tmp_path, capsys):
-    other = tmp_path / "other"
-    other.mkdir()
-    shutil.copy(runs["ssh"] / "final.pt", other / "final.pt")
-    record = report(runs["ssh"])
-    record["baseline"]["params"]["total"] = 500_000
-    (other / "report.json").write_text(json.dumps(record))
+    other, _ = edited_run(runs, tmp_path / "other", lambda record: record["baseline"]["params"].update(total=500_000))
     code = load_script().main(["--run", f"a={runs['prune@0.3']}", "--run", f"b={other}", "--latency-runs", "0",
                                "--out", str(tmp_path / "out")])
     lines = capsys.readouterr().err.strip().splitlines()
@@ -145,13 +148,11 @@ def test_runs_with_different_teachers_are_one_line(runs, tmp_path, capsys):
 
 def test_a_run_continuing_another_keeps_the_teacher(runs, tmp_path, capsys):
     # `compress auto --from RUN/checkpoints/...`: its baseline is that run's model; the teacher stays the others'.
-    cont = tmp_path / "continued"
-    cont.mkdir()
-    shutil.copy(runs["ssh"] / "final.pt", cont / "final.pt")
-    record = report(runs["ssh"])
-    record["baseline"]["params"]["total"] = 300_000
-    record["recipe"]["model"]["checkpoint"] = str(runs["prune@0.3"] / "final.pt")
-    (cont / "report.json").write_text(json.dumps(record))
+    def continuing(record: dict) -> None:
+        record["baseline"]["params"]["total"] = 300_000
+        record["recipe"]["model"]["checkpoint"] = str(runs["prune@0.3"] / "final.pt")
+
+    cont, record = edited_run(runs, tmp_path / "continued", continuing)
     out = tmp_path / "out"
     code = load_script().main(["--run", f"a={runs['prune@0.3']}", "--run", f"c={cont}", "--latency-runs", "0",
                                "--out", str(out)])
@@ -159,7 +160,8 @@ def test_a_run_continuing_another_keeps_the_teacher(runs, tmp_path, capsys):
     result = json.loads((out / "frontier.json").read_text())
     teacher = report(runs["prune@0.3"])["baseline"]
     points = {p["label"]: p for p in result["points"]}
-    assert points["teacher"]["params"] == teacher["params"]["total"] and points["c"]["params"] == record["final"]["params"]["total"]
+    assert points["teacher"]["params"] == teacher["params"]["total"]
+    assert points["c"]["params"] == record["final"]["params"]["total"]
     assert any("c: started from a's checkpoint final.pt" in note for note in result["notes"])
 
 
