@@ -28,6 +28,8 @@ from torch import Tensor, nn
 #: The ridge pull towards the starting kernel, relative to the mean feature energy (the diagonal of AᵀA):
 #: enough to pin down directions the images never excite, too little to matter elsewhere.
 RIDGE = 1e-3
+#: The most images a pass's ``fit_images`` may ask for: each costs one forward of both models.
+MAX_FIT_IMAGES = 256
 
 
 @dataclass(frozen=True)

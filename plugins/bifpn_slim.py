@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext, PassResult
-from compressor.refit import FitSite, collect_fits
+from compressor.refit import MAX_FIT_IMAGES, FitSite, collect_fits
 from compressor.surgery import batchnorm_keep, conv_keep, l1_importance, linear_keep, top_k
 from featherface.modules.bifpn import BiFPNCell, Projection, SeparableConvBN
 from featherface.modules.cbam import ChannelGate
@@ -53,8 +53,9 @@ class BiFPNSlimParams(pydantic.BaseModel):
         "l1", description="Channel ranking: 'l1' sums every group layer's L1 weight on the channel (each layer "
                           "normalised to mean 1); 'bn' sums |gamma| of the BNs that produce the channel.")
     fit_images: int = Field(
-        0, ge=0, le=256, description="Refit the plain SSH convs that read the BiFPN by least squares, to reproduce "
-                                     "their outputs before the pass on this many of the run's images (at most 256); "
+        0, ge=0, le=MAX_FIT_IMAGES,
+        description="Refit the plain SSH convs that read the BiFPN by least squares, to reproduce their outputs "
+                    f"before the pass on this many of the run's images (at most {MAX_FIT_IMAGES}); "
                                      "0: sliced weights only.")
 
 

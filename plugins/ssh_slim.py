@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext, PassResult
-from compressor.refit import FitSite, collect_fits
+from compressor.refit import MAX_FIT_IMAGES, FitSite, collect_fits
 from compressor.surgery import batchnorm_keep, conv_keep, dense_conv_weight, grouped_weight, l1_importance, top_k
 from facedet.modules.deform import DeformableConv2d
 from facedet.modules.heads import SeparateHeads, UnifiedHeads
@@ -66,8 +66,6 @@ UNITS = {
 }
 # The units whose outputs are concatenated, in the order of the concatenation.
 BRANCHES = ("conv3x3", "conv5x5_2", "conv7x7_3")
-# Images a refit may ask for: each costs one forward.
-MAX_FIT_IMAGES = 256
 
 
 class SSHSlimParams(pydantic.BaseModel):
