@@ -5,7 +5,8 @@
                                   [--threads 1] [--input-size 640] [--out benchmarks/results/frontier]
 
 Each ``--run`` is one point: a folder written by ``compress run`` (its ``report.json``
-and ``final.pt``).  The point's accuracy is the final model's held-out test AP
+and ``final.pt``; a folder holding only the record, its weights not kept, is placed by
+its accuracy and parameters and left out of the latency, with a note).  The point's accuracy is the final model's held-out test AP
 (``test_ap`` in the record, with its interval ``test_ap_low``..``test_ap_high``, the
 face families' 95% bootstrap over test images); a run whose record has no test AP
 falls back to its validation ``ap``, and is marked so in the table, the JSON and
@@ -157,7 +158,7 @@ class Point:
     series: str | None
     folder: str            # as given on the command line
     source: str            # the run folder, resolved ("" for the teacher: every run's baseline)
-    model: str             # what latency is measured on: a checkpoint, or a family name
+    model: str             # what latency is measured on: a checkpoint, or a family name; "" for none
     family: str
     params: int
     ap: float
@@ -187,7 +188,7 @@ def series_of(labels: list[str], explicit: list[tuple[str, str]]) -> dict[str, s
 
 
 def check_folder(label: str, folder: str) -> Path:
-    """The run folder, checked before anything is read: it exists, has a record and a final model."""
+    """The run folder, checked before anything is read: it exists and has a record."""
     path = Path(folder)
     what = f"--run {label}={folder}"
     if not path.exists():
@@ -196,8 +197,6 @@ def check_folder(label: str, folder: str) -> Path:
         raise ScriptError(f"{what}: not a folder (a run folder written by compress run)")
     if not (path / REPORT).is_file():
         raise ScriptError(f"{what}: no {REPORT} (not a folder written by compress run)")
-    if not (path / FINAL).is_file():
-        raise ScriptError(f"{what}: no {FINAL}: the run has no final model (unfinished or failed)")
     return path.resolve()
 
 
@@ -240,10 +239,13 @@ def read_points(args: argparse.Namespace) -> tuple[Point, list[Point], list[str]
         if record.final is None:
             raise ScriptError(f"{where}: {REPORT} has no final model (unfinished or failed run)")
         ap, low, high, split = accuracy(record.final.metrics, where)
-        point = Point(label, series[label], given, str(folder), str(folder / FINAL), record.family,
-                      record.final.params.total, ap, low, high, split)
+        weights = folder / FINAL
+        point = Point(label, series[label], given, str(folder), str(weights) if weights.is_file() else "",
+                      record.family, record.final.params.total, ap, low, high, split)
         if split != "test":
             notes.append(f"{label}: {SPLIT_NOTE}")
+        if not point.model and args.latency_runs:
+            notes.append(f"{label}: no {FINAL} in its folder (the record only, its weights not kept): not timed")
         points.append(point)
         parent = continued_run(record, args.runs, folders)
         if parent is None:
@@ -333,7 +335,7 @@ def measure(points: list[Point], args: argparse.Namespace) -> str | None:
     torch_version = None
     for round_index in range(1, args.rounds + 1):
         print(f"round {round_index}/{args.rounds} (each model in a fresh process):", file=sys.stderr)
-        for point in points:
+        for point in (p for p in points if p.model):
             what = f"{point.label} ({point.model})"
             result = measure_one(point.model, args, what)
             if result["params"] != point.params:
@@ -343,7 +345,7 @@ def measure(points: list[Point], args: argparse.Namespace) -> str | None:
             torch_version = result["torch"]
             print(f"  {point.label}: {result['median_ms']:.1f} ms", file=sys.stderr)
     for point in points:
-        point.latency_ms = statistics.median(point.per_round_ms)
+        point.latency_ms = statistics.median(point.per_round_ms) if point.per_round_ms else None
     return torch_version
 
 
@@ -387,7 +389,8 @@ def draw(teacher: Point, points: list[Point], args: argparse.Namespace, out: Pat
     (out / "frontier_params.png").write_bytes(png)
     files.append("frontier_params.png")
     if args.latency_runs:
-        png = plots.series_png(_plot_series(teacher, points, lambda p: p.latency_ms),
+        png = plots.series_png(_plot_series(teacher, [p for p in points if p.latency_ms is not None],
+                                            lambda p: p.latency_ms),
                                title=f"{families}: {split} against CPU latency",
                                x_label=f"CPU latency, ms per image ({_setting(args)})", y_label=y_label,
                                x_format=plots.format_number)
@@ -429,7 +432,7 @@ def markdown(report: dict[str, Any], teacher: Point, points: list[Point], args: 
     for p in ordered:
         cells = [p.label, p.series or "—", f"{p.params:,}", _ap_cell(p)]
         if latency:
-            cells.append(f"{p.latency_ms:.1f}")
+            cells.append(f"{p.latency_ms:.1f}" if p.latency_ms is not None else "not timed")
         if p.folder:
             cells.append(f"`{p.folder}`")
         else:

@@ -48,6 +48,17 @@ class FitSite:
 
 
 @dataclass(frozen=True)
+class ConvRefit:
+    """One conv refitted in place on its own input: ``conv`` (in the model being refitted) should reproduce
+    the output of ``reference`` (in the reference model), of which it kept the output channels ``keep``
+    (None: all of them)."""
+
+    conv: nn.Conv2d
+    reference: nn.Module
+    keep: Tensor | None = None
+
+
+@dataclass(frozen=True)
 class FitErrors:
     """Relative output error ||A W - Y||² / ||Y||² on the fit images, with the starting and the fitted kernel."""
 
@@ -174,3 +185,18 @@ def collect_fits(sites: Sequence[FitSite], model: nn.Module, reference: nn.Modul
     if missing:
         raise ValueError(f"refit: {len(missing)} of {len(sites)} layers never ran on the fit images")
     return fits  # type: ignore[return-value]
+
+
+def refit_convs(refits: Sequence[ConvRefit], model: nn.Module, reference: nn.Module,
+                images: Tensor) -> list[FitErrors]:
+    """Refit each conv's kernel in place (its bias stays) from one pass of both models over ``images``; the
+    errors before and after, in order.  Convs that read one another's outputs go in separate calls, the
+    reader after what it reads, so that it is fitted on the refitted outputs."""
+    sites = [FitSite(reads=r.conv, kernel=r.conv, reference=r.reference) for r in refits]
+    errors = []
+    for r, fit in zip(refits, collect_fits(sites, model, reference, images)):
+        kernel, error = fit.solve(r.conv.weight, out_index=r.keep, bias=r.conv.bias)
+        with torch.no_grad():
+            r.conv.weight.copy_(kernel)
+        errors.append(error)
+    return errors

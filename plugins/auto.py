@@ -9,12 +9,18 @@ Given only a parameter target, it decides how much each component gives:
    has to undo, weighed as without labels so the priors that see faces
    count), or, for a family without training support, the relative
    squared change of the outputs.  The parameters each option removes are
-   counted, not estimated.
+   counted, not estimated.  Pruning more of a component cannot do less
+   damage than pruning less of it: where the measurement dips at a larger
+   ratio (it saturates once a component is cut badly, and 8 images are few),
+   the allocation uses the running maximum over the ratios (``damage``; the
+   measurement itself is kept as ``measured``).
 2. **Allocation.** One ratio per component (or none) such that the removed
    parameters reach the target at the least total damage: a multiple-choice
    knapsack, solved exactly by :func:`allocate` over the Pareto front of
    (removed, damage) pairs.  Damage is taken as additive across components:
-   the usual first-order assumption of sensitivity-based allocation.
+   the usual first-order assumption of sensitivity-based allocation.  At
+   equal damage the choice removing the fewest parameters (closest to the
+   target) wins: the larger model has more to finetune with.
 3. **Check.** The chosen ratios are applied together.  Channels coupled across
    components make the joint count differ from the sum of the single ones; if
    the model is still over the target, the shortfall is added to what must be
@@ -41,7 +47,8 @@ from compressor.passes import PassContext, PassResult
 from compressor.validate import forward_eval
 from compressor_plugins.prune import PruneParams, prunable_components, prune_model
 
-DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+#: Steps of 0.05: a coarser grid overshoots the target by up to a step of the largest component.
+DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05 ... 0.7
 #: Real inputs the damage is measured on (a batch, with the family's preprocessing).
 SAMPLE_IMAGES = 8
 #: Re-solves allowed when coupled channels leave the joint pruning over the target.
@@ -75,12 +82,27 @@ class AutoParams(pydantic.BaseModel):
 
 @dataclass(frozen=True)
 class Option:
-    """Pruning ``component`` by ``ratio`` alone removes ``removed`` parameters and does ``damage``."""
+    """Pruning ``component`` by ``ratio`` alone removes ``removed`` parameters and does ``damage`` (what the
+    allocation uses); ``measured``: the damage as measured, when ``damage`` was raised to keep it monotone."""
 
     component: str
     ratio: float
     removed: int
     damage: float
+    measured: float | None = None
+
+
+def monotone(options: list[Option]) -> list[Option]:
+    """Each component's damage raised to its running maximum over increasing ratios (order kept)."""
+    worst: dict[str, float] = {}
+    raised: dict[tuple[str, float], Option] = {}
+    for option in sorted(options, key=lambda o: (o.component, o.ratio)):
+        floor = worst.get(option.component, float("-inf"))
+        if option.damage < floor:
+            option = Option(option.component, option.ratio, option.removed, floor, measured=option.damage)
+        worst[option.component] = option.damage
+        raised[(option.component, option.ratio)] = option
+    return [raised[(o.component, o.ratio)] for o in options]
 
 
 def allocate(options: list[Option], need: int) -> dict[str, float] | None:
@@ -89,7 +111,8 @@ def allocate(options: list[Option], need: int) -> dict[str, float] | None:
     Exact: the partial choices are kept as a Pareto front of (removed, damage)
     and extended component by component; a choice removing fewer parameters at
     more damage than another is dropped.  Ties in damage go to the choice that
-    removes more.  None when even the largest options together remove too little.
+    removes less (closest to ``need``).  None when even the largest options
+    together remove too little.
     """
     by_component: dict[str, list[Option]] = {}
     for option in options:
@@ -104,19 +127,22 @@ def allocate(options: list[Option], need: int) -> dict[str, float] | None:
     feasible = [entry for entry in front if entry[0] >= need]
     if not feasible:
         return None
-    _, _, chosen = min(feasible, key=lambda entry: (entry[1], -entry[0]))
+    _, _, chosen = min(feasible, key=lambda entry: (entry[1], entry[0]))
     return {option.component: option.ratio for option in chosen}
 
 
 def _pareto(entries: list[tuple[int, float, tuple[Option, ...]]]) -> list[tuple[int, float, tuple[Option, ...]]]:
-    """The entries no other entry beats on both counts (removes at least as much, at no more damage)."""
+    """The entries no other entry beats: one removing more at less damage, or exactly as much at no more.
+    An entry removing less at equal damage stays: it may end closer to the target."""
     kept: list[tuple[int, float, tuple[Option, ...]]] = []
     best_damage = float("inf")
-    # Most removed first: an entry survives when it is cheaper than every one that removes more.
+    last_removed = None
+    # Most removed first: an entry survives when no entry removing more is cheaper, once per removed count.
     for entry in sorted(entries, key=lambda e: (-e[0], e[1])):
-        if entry[1] < best_damage:
+        if entry[0] != last_removed and entry[1] <= best_damage:
             kept.append(entry)
             best_damage = entry[1]
+            last_removed = entry[0]
     return kept
 
 
@@ -156,8 +182,8 @@ class Auto(Pass):
             return PassResult(model, {**record, "allocation": {}, "note": "already within the target"})
         inputs = _inputs(ctx)
         reference = forward_eval(model, inputs)
-        options = [self._probe(model, component, ratio, params, ctx, inputs, reference, start)
-                   for component in components for ratio in params.ratios]
+        options = monotone([self._probe(model, component, ratio, params, ctx, inputs, reference, start)
+                            for component in components for ratio in params.ratios])
         record["sensitivity"] = [asdict(option) for option in options]
         need = start - params.target
         for round_ in range(1, MAX_ROUNDS + 1):

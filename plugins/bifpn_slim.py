@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext, PassResult
-from compressor.refit import MAX_FIT_IMAGES, FitSite, collect_fits
+from compressor.refit import MAX_FIT_IMAGES, ConvRefit, refit_convs
 from compressor.surgery import batchnorm_keep, conv_keep, l1_importance, linear_keep, top_k
 from featherface.modules.bifpn import BiFPNCell, Projection, SeparableConvBN
 from featherface.modules.cbam import ChannelGate
@@ -110,14 +110,8 @@ def refit_ssh_inputs(model: nn.Module, reference: nn.Module, images: Tensor) -> 
             conv = getattr(new, name).conv
             if isinstance(conv, nn.Conv2d) and conv.groups == 1 and id(conv) not in pairs:
                 pairs[id(conv)] = (f"ssh.{level}.{name}", conv, getattr(old, name).conv)
-    sites = [FitSite(reads=conv, kernel=conv, reference=old) for _, conv, old in pairs.values()]
-    errors: dict[str, dict[str, float]] = {}
-    for (where, conv, _), fit in zip(pairs.values(), collect_fits(sites, model, reference, images)):
-        kernel, error = fit.solve(conv.weight, bias=conv.bias)
-        with torch.no_grad():
-            conv.weight.copy_(kernel)
-        errors[where] = error.as_record()
-    return errors
+    fitted = refit_convs([ConvRefit(conv, old) for _, conv, old in pairs.values()], model, reference, images)
+    return {where: error.as_record() for (where, _, _), error in zip(pairs.values(), fitted)}
 
 
 def kept_cells(count: int, cells: int) -> list[int]:

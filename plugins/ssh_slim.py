@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext, PassResult
-from compressor.refit import MAX_FIT_IMAGES, FitSite, collect_fits
+from compressor.refit import MAX_FIT_IMAGES, ConvRefit, refit_convs
 from compressor.surgery import batchnorm_keep, conv_keep, dense_conv_weight, grouped_weight, l1_importance, top_k
 from facedet.modules.deform import DeformableConv2d
 from facedet.modules.heads import SeparateHeads, UnifiedHeads
@@ -222,11 +222,8 @@ def refit(model: nn.Module, reference: nn.Module, rebuilt: list[Rebuilt], images
         job = [item for item in job if _dense(item[2])]
         if not job:
             continue
-        sites = [FitSite(reads=conv, kernel=conv, reference=old) for _, _, conv, old, _ in job]
-        for (i, where, conv, _, keep), fit in zip(job, collect_fits(sites, model, reference, images)):
-            kernel, error = fit.solve(conv.weight, out_index=keep, bias=conv.bias)
-            with torch.no_grad():
-                conv.weight.copy_(kernel)
+        fitted = refit_convs([ConvRefit(conv, old, keep) for _, _, conv, old, keep in job], model, reference, images)
+        for (i, where, *_), error in zip(job, fitted):
             errors[i][where] = error.as_record()
     return errors
 

@@ -28,6 +28,31 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def tiny_embedded(tmp_path_factory) -> Path:
+    """An embedded dataset of 4/2/2 train/val/test images at 64x64: a whole recipe, evaluation included, in
+    seconds (the default embedded data evaluates 100 validation and 500 test images per model)."""
+    from facedet.data import generate_embedded_dataset
+
+    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=4, num_val=2, num_test=2,
+                                     size=64)
+
+
+@pytest.fixture(scope="session")
+def fewer_fit_images():
+    """``fewer_fit_images(recipe)``: ``--set`` arguments giving every stage of ``recipe`` that refits
+    (``fit_images``) 4 images: the structure and the parameter counts stay the shipped recipe's, the
+    least-squares fits get cheap."""
+    import yaml
+
+    def overrides(recipe: Path, images: int = 4) -> list[str]:
+        stages = yaml.safe_load(recipe.read_text())["stages"]
+        return [arg for i, stage in enumerate(stages) if "fit_images" in (stage.get("params") or {})
+                for arg in ("--set", f"stages[{i}].params.fit_images={images}")]
+
+    return overrides
+
+
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """A checkpoint of ours holding the FeatherFace baseline (random weights)."""
     from compressor.checkpoint import save_checkpoint

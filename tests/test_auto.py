@@ -16,7 +16,7 @@ from compressor.checkpoint import open_model
 from compressor.cli import cli
 from compressor.family import ModelFamily
 from compressor.passes import PassContext
-from compressor_plugins.auto import Auto, AutoParams, Option, allocate
+from compressor_plugins.auto import Auto, AutoParams, Option, allocate, monotone
 from compressor_plugins.auto_command import request_recipe
 from facedet.data import generate_embedded_dataset
 
@@ -46,9 +46,25 @@ def test_allocate_finds_the_cheapest_combination_not_the_greedy_one():
     assert allocate(options, 401) is None  # A.5 + B.5 + C.5 remove 400 at most
 
 
-def test_allocate_prefers_removing_more_at_equal_damage():
+def test_allocate_prefers_the_choice_closest_to_the_target_at_equal_damage():
     options = [Option("A", 0.25, 100, 1.0), Option("B", 0.25, 120, 1.0)]
-    assert allocate(options, 90) == {"B": 0.25}
+    assert allocate(options, 90) == {"A": 0.25}
+    # Also when the closer choice is a combination, found past an equally cheap single option.
+    options = [Option("A", 0.5, 300, 2.0), Option("B", 0.25, 60, 1.0), Option("C", 0.25, 50, 1.0)]
+    assert allocate(options, 100) == {"B": 0.25, "C": 0.25}
+
+
+def test_monotone_raises_a_dip_to_the_damage_of_the_smaller_cut():
+    """A saturated measurement (B at 0.5 cheaper than at 0.25) would make the knapsack take the bigger cut
+    for free; raised, the two tie and the smaller cut, closer to the target, wins."""
+    measured = [Option("B", 0.5, 200, 0.8), Option("B", 0.25, 100, 1.0), Option("B", 0.75, 300, 2.0),
+                Option("A", 0.25, 10, 0.1)]
+    raised = monotone(measured)
+    assert [(o.component, o.ratio) for o in raised] == [("B", 0.5), ("B", 0.25), ("B", 0.75), ("A", 0.25)]
+    assert raised[0] == Option("B", 0.5, 200, 1.0, measured=0.8)
+    assert raised[1:] == measured[1:]
+    assert allocate(measured, 100) == {"B": 0.5}
+    assert allocate(raised, 100) == {"B": 0.25}
 
 
 # ------------------------------------------------------------------ the pass on a toy

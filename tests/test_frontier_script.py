@@ -165,6 +165,24 @@ def test_a_run_continuing_another_keeps_the_teacher(runs, tmp_path, capsys):
     assert any("c: started from a's checkpoint final.pt" in note for note in result["notes"])
 
 
+def test_a_run_whose_weights_were_not_kept_is_placed_but_not_timed(runs, tmp_path, capsys):
+    kept = tmp_path / "record_only"
+    kept.mkdir()
+    shutil.copy(runs["ssh"] / "report.json", kept / "report.json")
+    out = tmp_path / "out"
+    code = load_script().main(["--run", f"a={runs['prune@0.3']}", "--run", f"old={kept}", "--latency-runs", "1",
+                               "--warmup", "0", "--rounds", "1", "--input-size", "64", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "frontier.json").read_text())
+    points = {p["label"]: p for p in result["points"]}
+    assert points["old"]["params"] == report(runs["ssh"])["final"]["params"]["total"]
+    assert points["old"]["latency_ms"] is None and points["old"]["latency_per_round_ms"] == []
+    assert points["a"]["latency_ms"] > 0 and points["teacher"]["latency_ms"] > 0
+    assert result["notes"] == ["old: no final.pt in its folder (the record only, its weights not kept): not timed"]
+    assert "| not timed |" in (out / "frontier.md").read_text()
+    assert (out / "frontier_latency.png").read_bytes()[:8] == PNG_MAGIC
+
+
 def test_bad_input_size_fails_before_measuring(runs, tmp_path, capsys):
     code = load_script().main(["--run", f"a={runs['ssh']}", "--input-size", "65", "--out", str(tmp_path / "out")])
     captured = capsys.readouterr()
@@ -173,16 +191,12 @@ def test_bad_input_size_fails_before_measuring(runs, tmp_path, capsys):
     assert "round" not in captured.err and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "no_final", "malformed", "no_label", "no_folder", "unknown_series",
+@pytest.mark.parametrize("case", ["missing", "malformed", "no_label", "no_folder", "unknown_series",
                                   "twice"])
 def test_bad_input_is_one_line(case, runs, tmp_path):
     run = f"a={runs['ssh']}"
-    no_final = tmp_path / "unfinished"
-    no_final.mkdir()
-    shutil.copy(runs["ssh"] / "report.json", no_final / "report.json")
     args, expected = {
         "missing": (["--run", f"a={tmp_path / 'nope'}"], "no such run folder"),
-        "no_final": (["--run", f"a={no_final}"], "no final.pt"),
         "malformed": (["--run", str(runs["ssh"])], "LABEL=VALUE"),
         "no_label": (["--run", f"={runs['ssh']}"], "LABEL=VALUE"),
         "no_folder": (["--run", "a="], "run folder is missing"),

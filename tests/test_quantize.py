@@ -163,14 +163,15 @@ def _recipe(tmp_path: Path, export: str, data: str = "") -> Path:
     return path
 
 
-def test_a_recipe_ends_with_measured_onnx_and_int8_artifacts(tmp_path):
+def test_a_recipe_ends_with_measured_onnx_and_int8_artifacts(tmp_path, tiny_embedded):
     from click.testing import CliRunner
 
     from compressor.cli import cli
     from compressor.record import read_record
 
     out = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["run", "--quiet", str(_recipe(tmp_path, "{int8: true, calibration_images: 3}")),
+    result = CliRunner().invoke(cli, ["run", "--quiet", str(_recipe(tmp_path, "{int8: true, calibration_images: 3}",
+                                                                     data=f"data: {{root: {tiny_embedded}}}\n")),
                                       "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert {"final.pt", "final.onnx", "final.onnx.json", "final.int8.onnx", "final.int8.onnx.json"} <= {

@@ -33,10 +33,10 @@ def test_nano_recipe_validates():
     assert result.exit_code == 0, result.output
 
 
-def test_nano_without_finetuning_is_at_most_100k_with_every_stage_ok(tmp_path, one_thread):
+def test_nano_without_finetuning_is_at_most_100k_with_every_stage_ok(tmp_path, one_thread, fewer_fit_images):
     out = tmp_path / "nano"
     result = invoke("run", str(RECIPE), "--no-finetune", "--quiet", "--out", str(out),
-                    "--set", f"input_size={SIZE}", "--set", "export=null")
+                    "--set", f"input_size={SIZE}", "--set", "export=null", *fewer_fit_images(RECIPE))
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["baseline"]["params"]["total"] == 592_371

@@ -22,14 +22,18 @@ def test_shipped_recipes_validate():
         assert result.exit_code == 0, result.output
 
 
-def test_v2_without_finetuning_reaches_250k_with_every_stage_ok(tmp_path):
+def test_v2_without_finetuning_reaches_250k_with_every_stage_ok(tmp_path, fewer_fit_images):
     out = tmp_path / "v2"
-    result = invoke("run", str(RECIPES / "v2.yaml"), "--no-finetune", "--quiet", "--out", str(out))
+    # At 160x160, with 4 images per refit and 4 for the int8 calibration: every pass ranks channels by their
+    # weights, so neither changes a parameter count (the real run: README, Results).
+    result = invoke("run", str(RECIPES / "v2.yaml"), "--no-finetune", "--quiet", "--out", str(out),
+                    "--set", "input_size=160", "--set", "export.calibration_images=4",
+                    *fewer_fit_images(RECIPES / "v2.yaml"))
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["baseline"]["params"]["total"] == 592_371
     assert all(stage["status"] == "ok" for stage in report["stages"])
-    assert report["final"]["params"]["total"] <= 250_000
+    assert report["final"]["params"]["total"] == 237_554  # as in the real run
     unify = next(s for s in report["stages"] if s["pass"] == "unify_heads")
     assert unify["output_drift"] < 1e-5
     # Every parameter limit holds; the accuracy limit was not measured, so it is neither passed nor failed.

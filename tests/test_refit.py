@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.refit import FitSite, collect_fits
+from compressor.refit import ConvRefit, FitSite, collect_fits, refit_convs
 
 
 class TwoConvs(nn.Module):
@@ -68,3 +68,19 @@ def test_a_bias_that_stays_is_not_fitted_into_the_kernel():
     kernel, errors = fit.solve(model.candidate.weight, bias=model.candidate.bias, ridge=0.0)
     torch.testing.assert_close(kernel, model.reference.weight.detach(), atol=1e-5, rtol=1e-5)
     assert errors.fitted < 1e-10
+
+
+def test_refit_convs_writes_the_kernel_in_place_and_keeps_the_bias():
+    torch.manual_seed(3)
+    model = TwoConvs()
+    model.reference.bias = nn.Parameter(torch.randn(4))
+    model.candidate.bias = nn.Parameter(model.reference.bias.detach()[[0, 2]].clone())
+    model.candidate.weight = nn.Parameter(model.candidate.weight.detach()[[0, 2]].clone())
+    model.forward = lambda x: (model.reference(x), model.candidate(x))  # candidate now has 2 of the 4 outputs
+    bias = model.candidate.bias.detach().clone()
+    (errors,) = refit_convs([ConvRefit(model.candidate, model.reference, keep=torch.tensor([0, 2]))], model, model,
+                            torch.randn(2, 3, 10, 10))
+    torch.testing.assert_close(model.candidate.weight.detach(), model.reference.weight.detach()[[0, 2]],
+                               atol=1e-2, rtol=0)
+    assert torch.equal(model.candidate.bias.detach(), bias)
+    assert errors.fitted < 1e-4 < errors.start
