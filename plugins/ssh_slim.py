@@ -216,8 +216,7 @@ def refit(model: nn.Module, reference: nn.Module, rebuilt: list[Rebuilt], images
         jobs.append([(i, unit, getattr(model.ssh[r.level], unit).conv, getattr(reference.ssh[r.level], unit).conv,
                       r.keep[unit]) for i, r in enumerate(rebuilt) for unit in depth])
     jobs.append([(i, name, model.get_submodule(name), reference.get_submodule(name), None)
-                 for i, r in enumerate(rebuilt) for name in r.readers
-                 if _dense(model.get_submodule(name))])
+                 for i, r in enumerate(rebuilt) for name in r.readers])
     for job in jobs:
         job = [item for item in job if _dense(item[2])]
         if not job:
