@@ -27,12 +27,19 @@ What the model's family says (``ModelFamily.output_layers`` and
   pruning (e.g. to fold a fixed channel permutation into the next layer).
 
 What this module handles itself: grouped (not depthwise) convs need every
-channel block to shrink alike; groups that touch one are left unpruned.
+channel block to shrink alike; groups that touch one are left unpruned.  With
+``fit_images``, every dense conv that lost input channels is refitted by least
+squares (:mod:`compressor.refit`) to reproduce what it produced before the
+application, one conv at a time in forward order, so each reads the
+already-refitted outputs of the ones before it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Annotated, Any, Literal
@@ -47,6 +54,7 @@ from torch_pruning.pruner import function
 from compressor import Pass, hookimpl
 from compressor.family import ModelFamily, PruningHints
 from compressor.passes import PassResult
+from compressor.refit import MAX_FIT_IMAGES, ConvRefit, refit_convs
 
 # The standard layers that root channel groups (customised layers with channels are added per model).
 STANDARD_ROOTS = (nn.Conv2d, nn.Linear)
@@ -89,6 +97,12 @@ class PruneParams(pydantic.BaseModel):
     )
     round_to: int | None = Field(
         None, ge=1, description="Keep every pruned group's channel count a multiple of this (e.g. 8); at least 1."
+    )
+    fit_images: int = Field(
+        0, ge=0, le=MAX_FIT_IMAGES,
+        description="After each application, refit every dense conv that lost input channels by least squares to "
+                    "reproduce its outputs before the application, on this many of the run's images (at most "
+                    f"{MAX_FIT_IMAGES}); 0: the sliced weights only.",
     )
 
     @pydantic.model_validator(mode="after")
@@ -145,8 +159,14 @@ class Prune(Pass):
                 raise ValueError(f"ignored_layers: no module {path!r} in the model")
 
     def apply(self, model: nn.Module, params: Any, ctx: Any) -> PassResult:
+        if params.fit_images and ctx.sample_inputs is None:
+            raise ValueError("fit_images: this run has no images to fit on")
+        reference = copy.deepcopy(model) if params.fit_images else None
         done = prune_model(model, params, ctx)
-        return PassResult(model, {"groups": [group.record() for group in done]})
+        record: dict[str, Any] = {"groups": [group.record() for group in done]}
+        if reference is not None and done:
+            record["fit_relative_error"] = refit_readers(model, reference, done, ctx.sample_inputs(params.fit_images))
+        return PassResult(model, record)
 
 
 def prune_model(model: nn.Module, params: PruneParams, ctx: Any) -> list[PrunedGroup]:
@@ -170,6 +190,22 @@ def prune_model(model: nn.Module, params: PruneParams, ctx: Any) -> list[PrunedG
         model.train(was_training)
     check_rebuilds(model, family)
     return done
+
+
+@contextlib.contextmanager
+def first_calls(layers: list[nn.Module]) -> Iterator[dict[nn.Module, int]]:
+    """Within the block, the yielded dict fills with each of ``layers`` as it is first called: its position."""
+    order: dict[nn.Module, int] = {}
+
+    def record(module: nn.Module, inputs: object) -> None:
+        order.setdefault(module, len(order))
+
+    handles = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        yield order
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # --- the graph ----------------------------------------------------------------
@@ -199,22 +235,13 @@ def root_types(model: nn.Module, hints: PruningHints) -> tuple[type[nn.Module], 
 def _build_graph(model: nn.Module, example: Tensor,
                  hints: PruningHints) -> tuple[tp.DependencyGraph, dict[nn.Module, int]]:
     """The dependency graph, and the order in which layers first ran during its tracing forward."""
-    order: dict[nn.Module, int] = {}
-
-    def record(module: nn.Module, inputs: object) -> None:
-        order.setdefault(module, len(order))
-
     roots = root_types(model, hints)
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, roots)]
-    try:
+    with first_calls([m for m in model.modules() if isinstance(m, roots)]) as order:
         # Untraced modules' ops are channel-preserving no-ops to the graph (one per call).
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example, customized_pruners=dict(hints.custom_pruners),
             ignored_layers=list(hints.untraced), verbose=False,
         )
-    finally:
-        for handle in handles:
-            handle.remove()
     if graph.unwrapped_parameters:
         names = [graph._param_to_name.get(p, "?") for p, _ in graph.unwrapped_parameters]
         raise RuntimeError(f"prune: parameters outside any known layer, no rule to prune them: {names}")
@@ -391,6 +418,51 @@ def prune_group(graph: tp.DependencyGraph, names: dict[nn.Module, str], root: An
         layers.append((name, kind, sorted(int(i) for i in dep_idxs)))
     group.prune()
     return PrunedGroup(component, root_name, channels, sorted(idxs), layers)
+
+
+# --- refitting the readers ------------------------------------------------------
+
+
+def refit_readers(model: nn.Module, reference: nn.Module, done: list[PrunedGroup],
+                  images: Tensor) -> dict[str, dict[str, float]]:
+    """Refit each dense conv of ``model`` that lost input channels in ``done`` to reproduce its output in
+    ``reference`` (the model before the application), its own removed output channels left out; one conv
+    per call, in forward order.  The relative errors before and after, per conv."""
+    removed_out: dict[str, set[int]] = {}
+    readers: dict[str, None] = {}
+    for group in done:
+        for name, kind, idxs in group.layers:
+            if kind == "out":
+                removed_out.setdefault(name, set()).update(idxs)
+            else:
+                readers[name] = None
+    modules = dict(model.named_modules())
+    dense = [name for name in readers if isinstance(modules.get(name), nn.Conv2d) and modules[name].groups == 1]
+    order = forward_order(model, [modules[name] for name in dense], images[:1])
+    errors = {}
+    for name in sorted(dense, key=lambda n: order[modules[n]]):
+        old = reference.get_submodule(name)
+        gone = removed_out.get(name, set())
+        keep = torch.tensor([i for i in range(old.out_channels) if i not in gone]) if gone else None
+        [error] = refit_convs([ConvRefit(modules[name], old, keep)], model, reference, images)
+        errors[name] = error.as_record()
+    return errors
+
+
+@torch.no_grad()
+def forward_order(model: nn.Module, layers: list[nn.Module], example: Tensor) -> dict[nn.Module, int]:
+    """The position of each of ``layers`` in the order of their first call during one forward of ``example``."""
+    was_training = model.training
+    try:
+        with first_calls(layers) as order:
+            model.eval()
+            model(example)
+    finally:
+        model.train(was_training)
+    missing = [layer for layer in layers if layer not in order]
+    if missing:
+        raise RuntimeError(f"prune: {len(missing)} of the layers to refit never ran on the fit images")
+    return order
 
 
 # --- Taylor -------------------------------------------------------------------

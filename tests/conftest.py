@@ -38,6 +38,16 @@ def tiny_embedded(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_embedded(tmp_path_factory) -> Path:
+    """An embedded dataset of 8/4/2 train/val/test images at 160x160, shared read-only by the training,
+    finetuning and command tests: enough images for a batch of 2 on each of two processes."""
+    from facedet.data import generate_embedded_dataset
+
+    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "small", num_train=8, num_val=4, num_test=2,
+                                     size=160)
+
+
+@pytest.fixture(scope="session")
 def fewer_fit_images():
     """``fewer_fit_images(recipe)``: ``--set`` arguments giving every stage of ``recipe`` that refits
     (``fit_images``) 4 images: the structure and the parameter counts stay the shipped recipe's, the

@@ -12,16 +12,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from compressor.cli import cli
-from facedet.data import generate_embedded_dataset
 
 
 def invoke(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=2, num_val=3, num_test=2, size=160)
 
 
 def test_eval_widerface_reproduces_the_reference(reference_dir, tmp_path):
@@ -43,22 +37,22 @@ def test_eval_widerface_bad_prediction_file(reference_dir, tmp_path):
     assert result.exit_code == 2 and "img.txt" in result.output and "line 2" in result.output
 
 
-def test_eval_writes_predictions_and_reports_ap(tiny_data, checkpoint, tmp_path):
+def test_eval_writes_predictions_and_reports_ap(small_embedded, checkpoint, tmp_path):
     pred = tmp_path / "pred"
-    result = invoke("eval", str(checkpoint), "--data", str(tiny_data), "--input-size", "64", "--save-predictions", str(pred), "--json")
+    result = invoke("eval", str(checkpoint), "--data", str(small_embedded), "--input-size", "64", "--save-predictions", str(pred), "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
-    assert 0.0 <= metrics["ap"] <= 1.0 and metrics["val_images"] == 3
+    assert 0.0 <= metrics["ap"] <= 1.0 and metrics["val_images"] == 4
     files = sorted(pred.rglob("*.txt"))
-    assert len(files) == 3
+    assert len(files) == 4
     from facedet.evaluation import read_prediction_file
 
     name, boxes = read_prediction_file(files[0])
     assert name == files[0].stem and boxes.shape[1] == 5
 
 
-def test_detect_draws_an_annotated_png(tiny_data, checkpoint, tmp_path):
-    image = next((tiny_data / "val" / "images").rglob("*.jpg"))
+def test_detect_draws_an_annotated_png(small_embedded, checkpoint, tmp_path):
+    image = next((small_embedded / "val" / "images").rglob("*.jpg"))
     out = tmp_path / "annotated.png"
     result = invoke("detect", str(checkpoint), str(image), "--out", str(out), "--threshold", "0.0", "--json")
     assert result.exit_code == 0, result.output

@@ -15,16 +15,10 @@ import torch
 from click.testing import CliRunner
 
 from compressor.cli import cli
-from facedet.data import generate_embedded_dataset
 
 TOY = Path(__file__).parent / "fixtures" / "toy_passes.py"
 # `compress train` held after a given step's checkpoint, so a SIGKILL lands there for sure.
 HELD_TRAIN = Path(__file__).parent / "fixtures" / "held_train.py"
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=8, num_val=4, num_test=2, size=160)
 
 
 def write(path: Path, text: str) -> Path:
@@ -42,8 +36,8 @@ def invoke(*args: str):
     return CliRunner().invoke(cli, [*args, "--quiet"], catch_exceptions=False)
 
 
-def test_run_finetunes_with_distillation_and_measures_ap(tmp_path, tiny_data):
-    path = run_recipe(tmp_path, tiny_data, "  - pass: plain_ssh\n  - pass: identity\n    finetune: {teacher: baseline, steps: 1}\n")
+def test_run_finetunes_with_distillation_and_measures_ap(tmp_path, small_embedded):
+    path = run_recipe(tmp_path, small_embedded, "  - pass: plain_ssh\n  - pass: identity\n    finetune: {teacher: baseline, steps: 1}\n")
     result = invoke("run", str(path), "--out", str(tmp_path / "run"))
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -59,7 +53,7 @@ def test_run_finetunes_with_distillation_and_measures_ap(tmp_path, tiny_data):
     assert "accuracy_drop" in report["budget_check"]
 
 
-def test_diverging_finetune_fails_its_stage_and_keeps_the_last_checkpoint(tmp_path, tiny_data, monkeypatch):
+def test_diverging_finetune_fails_its_stage_and_keeps_the_last_checkpoint(tmp_path, small_embedded, monkeypatch):
     from compressor_plugins.featherface_family import FAMILY
 
     real = FAMILY.task_loss
@@ -68,7 +62,7 @@ def test_diverging_finetune_fails_its_stage_and_keeps_the_last_checkpoint(tmp_pa
         losses = real(outputs, targets, size)
         return {**losses, "loss": losses["loss"] * float("nan")}
 
-    path = run_recipe(tmp_path, tiny_data, "  - pass: identity\n    finetune: {steps: 0}\n  - pass: plain_ssh\n")
+    path = run_recipe(tmp_path, small_embedded, "  - pass: identity\n    finetune: {steps: 0}\n  - pass: plain_ssh\n")
     monkeypatch.setattr(FAMILY, "task_loss", poisoned)
     result = invoke("run", str(path), "--out", str(tmp_path / "run"))
     assert result.exit_code == 1
@@ -83,8 +77,8 @@ def train_recipe(tmp_path: Path, data: Path, steps: int) -> Path:
                  f"train: {{steps: {steps}, batch_size: 2, lr: 0.001, warmup_steps: 2, checkpoint_every: 1}}\n")
 
 
-def test_train_is_resumable_after_sigkill_and_deterministic(tmp_path, tiny_data):
-    path = train_recipe(tmp_path, tiny_data, steps=6)
+def test_train_is_resumable_after_sigkill_and_deterministic(tmp_path, small_embedded):
+    path = train_recipe(tmp_path, small_embedded, steps=6)
     out = tmp_path / "killed"
     command = [sys.executable, str(HELD_TRAIN), "train", str(path), "--out", str(out), "--quiet", "--no-eval"]
     process = subprocess.Popen(command, env={**os.environ, "HOLD_AFTER_STEP": "2"},
@@ -116,8 +110,8 @@ def test_train_is_resumable_after_sigkill_and_deterministic(tmp_path, tiny_data)
     assert again.exit_code == 2 and "--resume" in again.output
 
 
-def test_torchrun_two_processes_gloo(tmp_path, tiny_data):
-    path = run_recipe(tmp_path, tiny_data, "  - pass: plain_ssh\n", finetune="{steps: 2, batch_size: 2}")
+def test_torchrun_two_processes_gloo(tmp_path, small_embedded):
+    path = run_recipe(tmp_path, small_embedded, "  - pass: plain_ssh\n", finetune="{steps: 2, batch_size: 2}")
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

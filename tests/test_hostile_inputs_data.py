@@ -32,7 +32,6 @@ from facedet.data import (
     DataError,
     FaceDataset,
     ImageError,
-    generate_embedded_dataset,
     read_image,
 )
 
@@ -57,11 +56,6 @@ def one_line_error(result, *names: str, code: int = 2) -> str:
 
 
 # ------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "d", num_train=4, num_val=2, num_test=2, size=64)
 
 
 def copy_of(dataset: Path, tmp_path: Path) -> Path:
@@ -352,8 +346,8 @@ LABEL_DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(LABEL_DAMAGE))
-def test_train_refuses_a_bad_train_label_file(dataset, tmp_path, damage):
-    root = copy_of(dataset, tmp_path)
+def test_train_refuses_a_bad_train_label_file(tiny_embedded, tmp_path, damage):
+    root = copy_of(tiny_embedded, tmp_path)
     corrupt, expected = LABEL_DAMAGE[damage]
     corrupt(root / "train" / "label.txt")
     out = tmp_path / "out"
@@ -364,8 +358,8 @@ def test_train_refuses_a_bad_train_label_file(dataset, tmp_path, damage):
 
 
 @pytest.mark.parametrize("damage", list(LABEL_DAMAGE))
-def test_eval_refuses_a_bad_val_label_file(dataset, checkpoint, tmp_path, damage):
-    root = copy_of(dataset, tmp_path)
+def test_eval_refuses_a_bad_val_label_file(tiny_embedded, checkpoint, tmp_path, damage):
+    root = copy_of(tiny_embedded, tmp_path)
     corrupt, expected = LABEL_DAMAGE[damage]
     corrupt(root / "val" / "label.txt")
     pred = tmp_path / "pred"
@@ -387,8 +381,8 @@ def _html(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_garbage, _truncate, _html, Path.unlink])
-def test_a_split_without_a_decodable_image(dataset, checkpoint, tmp_path, damage):
-    root = copy_of(dataset, tmp_path)
+def test_a_split_without_a_decodable_image(tiny_embedded, checkpoint, tmp_path, damage):
+    root = copy_of(tiny_embedded, tmp_path)
     for split in ("train", "val"):
         for image in images_of(root, split):
             damage(image)
@@ -399,8 +393,8 @@ def test_a_split_without_a_decodable_image(dataset, checkpoint, tmp_path, damage
     assert "none of the 2 images" in line
 
 
-def test_a_missing_images_folder_or_split(dataset, checkpoint, tmp_path):
-    root = copy_of(dataset, tmp_path)
+def test_a_missing_images_folder_or_split(tiny_embedded, checkpoint, tmp_path):
+    root = copy_of(tiny_embedded, tmp_path)
     shutil.rmtree(root / "val" / "images")
     one_line_error(invoke("eval", str(checkpoint), "--data", str(root), "--input-size", "64"),
                    str(root / "val" / "images"), "folder not found")
@@ -408,8 +402,8 @@ def test_a_missing_images_folder_or_split(dataset, checkpoint, tmp_path):
     one_line_error(invoke("eval", str(checkpoint), "--data", str(root), "--input-size", "64"), str(root), "no val/")
 
 
-def test_an_undecodable_image_is_skipped_and_counted(dataset, checkpoint, tmp_path, caplog):
-    root = copy_of(dataset, tmp_path)
+def test_an_undecodable_image_is_skipped_and_counted(tiny_embedded, checkpoint, tmp_path, caplog):
+    root = copy_of(tiny_embedded, tmp_path)
     bad = images_of(root, "val")[0]
     bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     result = invoke("eval", str(checkpoint), "--data", str(root), "--input-size", "64", "--json")
@@ -422,15 +416,15 @@ def test_an_undecodable_image_is_skipped_and_counted(dataset, checkpoint, tmp_pa
 
 
 @pytest.mark.parametrize("batch_size", [5, 64])
-def test_a_batch_larger_than_the_data_set(dataset, tmp_path, batch_size):
-    line = one_line_error(invoke("train", str(train_recipe(tmp_path, dataset, batch_size)), "--out",
-                                 str(tmp_path / "out"), "--quiet"), str(dataset / "train"))
+def test_a_batch_larger_than_the_data_set(tiny_embedded, tmp_path, batch_size):
+    line = one_line_error(invoke("train", str(train_recipe(tmp_path, tiny_embedded, batch_size)), "--out",
+                                 str(tmp_path / "out"), "--quiet"), str(tiny_embedded / "train"))
     assert f"4 usable images, fewer than {batch_size}: one batch of batch_size {batch_size}" in line
     assert not (tmp_path / "out").exists()
 
 
-def test_finetuning_in_a_run_refuses_bad_data_in_one_line(dataset, tmp_path):
-    root = copy_of(dataset, tmp_path)
+def test_finetuning_in_a_run_refuses_bad_data_in_one_line(tiny_embedded, tmp_path):
+    root = copy_of(tiny_embedded, tmp_path)
     (root / "train" / "label.txt").write_bytes(b"\xff\xfe\x00binary")
     recipe = tmp_path / "run.yaml"
     recipe.write_text(f"model: {{family: featherface}}\nplugins: [{TOY}]\ninput_size: 64\nseed: 1\ndata: {{root: {root}}}\n"
@@ -440,8 +434,8 @@ def test_finetuning_in_a_run_refuses_bad_data_in_one_line(dataset, tmp_path):
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
 
 
-def test_family_training_batches_checks_eagerly_and_raises_usage_errors(dataset, tmp_path):
-    root = copy_of(dataset, tmp_path)
+def test_family_training_batches_checks_eagerly_and_raises_usage_errors(tiny_embedded, tmp_path):
+    root = copy_of(tiny_embedded, tmp_path)
     with pytest.raises(UsageError, match="batch_size 5"):
         FAMILY.training_batches(root, (64, 64), 5, seed=0)  # no next(): the check is at creation
     (root / "train" / "label.txt").write_text("")
@@ -451,8 +445,8 @@ def test_family_training_batches_checks_eagerly_and_raises_usage_errors(dataset,
         FAMILY.training_batches(tmp_path / "nowhere", (64, 64), 2, seed=0)
 
 
-def test_family_batches_turn_a_later_data_error_into_a_usage_error(dataset, tmp_path):
-    root = copy_of(dataset, tmp_path)
+def test_family_batches_turn_a_later_data_error_into_a_usage_error(tiny_embedded, tmp_path):
+    root = copy_of(tiny_embedded, tmp_path)
     batches = FAMILY.training_batches(root, (64, 64), 2, seed=0)
     images, targets = next(batches)
     assert images.shape == (2, 3, 64, 64) and len(targets) == 2
@@ -463,15 +457,15 @@ def test_family_batches_turn_a_later_data_error_into_a_usage_error(dataset, tmp_
             next(batches)
 
 
-def test_family_evaluate_raises_usage_errors(dataset, tmp_path):
-    root = copy_of(dataset, tmp_path)
+def test_family_evaluate_raises_usage_errors(tiny_embedded, tmp_path):
+    root = copy_of(tiny_embedded, tmp_path)
     (root / "val" / "label.txt").write_bytes(bytes(range(256)))
     with pytest.raises(UsageError, match=r"val/label\.txt: line 2: not UTF-8"):
         FAMILY.evaluate(featherface_baseline().eval(), root, (64, 64))
 
 
-def test_a_val_split_without_faces_is_refused(dataset, checkpoint, tmp_path):
-    root = copy_of(dataset, tmp_path)
+def test_a_val_split_without_faces_is_refused(tiny_embedded, checkpoint, tmp_path):
+    root = copy_of(tiny_embedded, tmp_path)
     (root / "val" / "label.txt").unlink()  # only wider_val.txt is left: images without ground truth
     line = one_line_error(invoke("eval", str(checkpoint), "--data", str(root), "--input-size", "64"),
                           str(root / "val"))
@@ -591,8 +585,8 @@ def test_detect_refuses_broken_images_in_one_line(checkpoint, tmp_path, content)
     assert not out.exists()
 
 
-def test_the_data_layer_honours_the_pixel_limit(dataset, tmp_path, monkeypatch, caplog):
-    root = copy_of(dataset, tmp_path)
+def test_the_data_layer_honours_the_pixel_limit(tiny_embedded, tmp_path, monkeypatch, caplog):
+    root = copy_of(tiny_embedded, tmp_path)
     first, *rest = images_of(root, "train")
     write_huge_png(first, 20_000, 20_000)  # a PNG under a .jpg name: the content decides
     big = Image.fromarray(_rgb(48, 80))

@@ -19,17 +19,11 @@ import torch
 from torch import nn
 
 from compressor.finite import all_finite, describe_non_finite, non_finite_tensors
-from facedet.data import generate_embedded_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOY = FIXTURES / "toy_passes.py"
 POISON = FIXTURES / "non_finite_passes.py"
 CRASHES = {-signal.SIGSEGV, -signal.SIGBUS, -signal.SIGABRT, -signal.SIGILL, 139, 135, 134, 132}
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=8, num_val=4, num_test=2, size=160)
 
 
 def python(code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -217,8 +211,8 @@ print(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
-def train_results(tiny_data, tmp_path_factory) -> dict:
-    done = python(TRAIN_CASES, tiny_data, tmp_path_factory.mktemp("nan") / "nan.pt")
+def train_results(small_embedded, tmp_path_factory) -> dict:
+    done = python(TRAIN_CASES, small_embedded, tmp_path_factory.mktemp("nan") / "nan.pt")
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -264,10 +258,10 @@ def test_a_forward_refusing_non_finite_offsets_names_the_step_and_layer(train_re
 # ---------------------------------------------------------------- the commands, in subprocesses
 
 
-def test_compress_train_that_diverges_fails_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
+def test_compress_train_that_diverges_fails_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, small_embedded):
     # Within the recipe's limits: SGD at lr 10 with weight decay 1 and no clipping blows up in a few steps.
     recipe = tmp_path / "train.yaml"
-    recipe.write_text(f"model: {{family: featherface}}\ninput_size: 64\nseed: 2\ndata: {{root: {tiny_data}}}\n"
+    recipe.write_text(f"model: {{family: featherface}}\ninput_size: 64\nseed: 2\ndata: {{root: {small_embedded}}}\n"
                       "train: {steps: 8, batch_size: 2, lr: 10, optimizer: sgd, weight_decay: 1, grad_clip: null, "
                       "checkpoint_every: 1}\n")
     out = tmp_path / "out"
@@ -292,16 +286,16 @@ def run_recipe(tmp_path: Path, data: Path, stages: str,
     return path
 
 
-def test_compress_run_with_an_absurd_lr_fails_in_one_line(tmp_path, tiny_data):
-    path = run_recipe(tmp_path, tiny_data, "  - pass: identity\n")
+def test_compress_run_with_an_absurd_lr_fails_in_one_line(tmp_path, small_embedded):
+    path = run_recipe(tmp_path, small_embedded, "  - pass: identity\n")
     done = compress("run", path, "--out", tmp_path / "run", "--set", "finetune.lr=1e10")
     line = one_error_line(done)
     # Refused by the recipe's validation (exit 2), or by the training loop's guards (exit 1).
     assert (done.returncode == 2 and "finetune.lr" in line) or (done.returncode == 1 and "stage 1" in line), line
 
 
-def test_compress_run_finetune_that_diverges_fails_its_stage(tmp_path, tiny_data):
-    path = run_recipe(tmp_path, tiny_data, "  - pass: identity\n",
+def test_compress_run_finetune_that_diverges_fails_its_stage(tmp_path, small_embedded):
+    path = run_recipe(tmp_path, small_embedded, "  - pass: identity\n",
                       finetune="{steps: 8, batch_size: 2, lr: 10, optimizer: sgd, weight_decay: 1, grad_clip: null}")
     done = compress("run", path, "--out", tmp_path / "run", timeout=600)
     line = one_error_line(done)
@@ -315,16 +309,16 @@ def test_compress_run_finetune_that_diverges_fails_its_stage(tmp_path, tiny_data
     ("ssh.2.conv7x7_2.conv.regular_conv.weight", "inf"),
     ("ssh.0.conv3x3.bn.running_var", "inf"),               # the outputs stay finite: only a weights check sees it
 ])
-def test_a_pass_that_writes_non_finite_weights_fails_its_stage(tmp_path, tiny_data, target, value):
+def test_a_pass_that_writes_non_finite_weights_fails_its_stage(tmp_path, small_embedded, target, value):
     stages = f"  - pass: poison_tensor\n    params: {{target: {target}, value: '{value}', everywhere: false}}\n"
-    done = compress("run", run_recipe(tmp_path, tiny_data, stages), "--out", tmp_path / "run", "--no-finetune")
+    done = compress("run", run_recipe(tmp_path, small_embedded, stages), "--out", tmp_path / "run", "--no-finetune")
     line = one_error_line(done)
     assert done.returncode == 1, line
     assert line.startswith("error: stage 1 (poison_tensor): ") and ("non-finite" in line or "NaN" in line), line
     assert not (tmp_path / "run" / "final.pt").exists()
 
 
-def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, tiny_data):
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, small_embedded):
     from compressor.checkpoint import save_checkpoint
     from compressor_plugins.featherface_family import FAMILY
 
@@ -333,7 +327,7 @@ def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, tiny_data):
         model.ssh[0].conv3x3.conv.offset_conv.weight.fill_(float("nan"))
     save_checkpoint(tmp_path / "nan.pt", model, FAMILY)
     recipe = tmp_path / "train.yaml"
-    recipe.write_text(f"model: {{checkpoint: {tmp_path / 'nan.pt'}}}\ninput_size: 64\ndata: {{root: {tiny_data}}}\n"
+    recipe.write_text(f"model: {{checkpoint: {tmp_path / 'nan.pt'}}}\ninput_size: 64\ndata: {{root: {small_embedded}}}\n"
                       "train: {steps: 2, batch_size: 2}\n")
     done = compress("train", recipe, "--out", tmp_path / "out", "--no-eval")
     line = one_error_line(done)

@@ -472,3 +472,37 @@ def test_params_forbid_unknown_keys():
         Params(ratio=0.1, step=0.1)
     assert Prune.summary().startswith("Structured channel pruning")
     assert all(f.description for f in Params.model_fields.values())
+
+
+def test_fit_images_refits_every_dense_reader_in_forward_order(reference_dir):
+    trained = featherface.load_original_checkpoint(torch.load(reference_dir / "featherface_baseline_seed0.pt",
+                                                              weights_only=True)).eval()
+    fit = FAMILY.example_input(64, 64, batch_size=4, seed=3)
+    held_out = FAMILY.example_input(64, 64, batch_size=4, seed=4)
+    ctx = PassContext(family=FAMILY, example_input=FAMILY.example_input(64, 64), sample_inputs=lambda n: fit[:n])
+    # Only stage 1 (strides 2 to 8) gives channels: at 64x64 its readers see enough positions (rows) on 4
+    # images for a well-posed fit; the deeper layers' 2x2 to 4x4 maps would give fewer rows than columns.
+    params = {"ratios": {"backbone": 0.25}, "ignored_layers": ["backbone.stage2", "backbone.stage3"]}
+    sliced = Prune().apply(copy.deepcopy(trained), Params(**params), ctx)
+    refitted = Prune().apply(copy.deepcopy(trained), Params(**params, fit_images=4), ctx)
+
+    assert "fit_relative_error" not in sliced.record
+    errors = refitted.record["fit_relative_error"]
+    # The readers of the pruned channels: the next pointwise convs and the BiFPN's inputs, not the depthwise
+    # convs (which only lose channels); the stem's output is pruned, so stage1.1 reads it first.
+    names = list(errors)
+    assert names[0] == "backbone.stage1.1.pointwise" and not any("depthwise" in n for n in names)
+    assert all(n.startswith("backbone.stage1.") and n.endswith(".pointwise") for n in names)
+    order = [n for n, _ in refitted.model.named_modules() if n in errors]
+    assert names == order  # FeatherFace declares its layers in the order they run
+    assert all(e["fitted"] < e["start"] for e in errors.values()), errors
+    reference = _outputs(trained, held_out)
+    # On images it was not fitted on, too (this reference's weights are random, not trained: a small gain).
+    assert _mean_drift(reference, _outputs(refitted.model, held_out)) < _mean_drift(reference, _outputs(sliced.model,
+                                                                                                        held_out))
+    assert count_parameters(refitted.model) == count_parameters(sliced.model)
+
+
+def test_fit_images_without_run_images_is_refused(baseline, example):
+    with pytest.raises(ValueError, match="fit_images: this run has no images"):
+        Prune().apply(copy.deepcopy(baseline), Params(ratio=0.1, fit_images=2), _ctx(example))

@@ -20,17 +20,10 @@ import compressor.train_run as train_run
 from compressor.cli import cli
 from compressor.train import CurvePoint
 from compressor.train_run import PLATEAU_GAIN, plateau
-from facedet.data import generate_embedded_dataset
 
 STEPS = 4
 EVAL_EVERY = 2
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=4, num_val=3, num_test=1,
-                                     size=96)
 
 
 def train_recipe(folder: Path, data: Path, checkpoint_every: int = 1, eval_every: int = EVAL_EVERY) -> Path:
@@ -42,8 +35,8 @@ def train_recipe(folder: Path, data: Path, checkpoint_every: int = 1, eval_every
 
 
 @pytest.fixture(scope="module")
-def recipe(tiny_data, tmp_path_factory) -> Path:
-    return train_recipe(tmp_path_factory.mktemp("recipe"), tiny_data)
+def recipe(small_embedded, tmp_path_factory) -> Path:
+    return train_recipe(tmp_path_factory.mktemp("recipe"), small_embedded)
 
 
 def invoke(*args: object):
@@ -122,9 +115,9 @@ def test_each_point_is_stored_in_its_steps_checkpoint(straight):
         assert saved_curve(snapshots / f"last-{step}.pt") == [point_2]
 
 
-def test_evaluation_during_training_does_not_change_the_training(straight, tiny_data, tmp_path):
+def test_evaluation_during_training_does_not_change_the_training(straight, small_embedded, tmp_path):
     """The curve is measured on copies: the final weights equal those of the same training with no eval_every."""
-    plain = train_recipe(tmp_path, tiny_data)
+    plain = train_recipe(tmp_path, small_embedded)
     plain.write_text(plain.read_text().replace(f", eval_every: {EVAL_EVERY}", ""))
     out = tmp_path / "plain"
     result = invoke("train", plain, "--out", out, "--no-eval")
@@ -201,9 +194,9 @@ def test_killed_in_the_step_2_evaluation_ends_with_the_same_curve(recipe, straig
 # ------------------------------------------------------------ the recipe check
 
 
-def test_eval_every_not_a_multiple_of_checkpoint_every_is_refused(tiny_data, tmp_path):
+def test_eval_every_not_a_multiple_of_checkpoint_every_is_refused(small_embedded, tmp_path):
     """eval_every 3 with checkpoint_every 2: exit 2, one line naming train's eval_every, nothing written."""
-    path = train_recipe(tmp_path, tiny_data, checkpoint_every=2, eval_every=3)
+    path = train_recipe(tmp_path, small_embedded, checkpoint_every=2, eval_every=3)
     out = tmp_path / "run"
     result = invoke("train", path, "--out", out)
     assert result.exit_code == 2

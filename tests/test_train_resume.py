@@ -29,7 +29,6 @@ from click.testing import CliRunner
 import compressor.train as train_module
 import compressor.train_run as train_run
 from compressor.cli import cli
-from facedet.data import generate_embedded_dataset
 
 STEPS = 4
 # `compress train` held after a given step's checkpoint, so a SIGKILL lands there for sure.
@@ -37,14 +36,9 @@ HELD_TRAIN = Path(__file__).parent / "fixtures" / "held_train.py"
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return generate_embedded_dataset(tmp_path_factory.mktemp("data") / "tiny", num_train=8, num_val=4, num_test=2, size=160)
-
-
-@pytest.fixture(scope="module")
-def recipe(tiny_data, tmp_path_factory) -> Path:
+def recipe(small_embedded, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("recipe") / "train.yaml"
-    path.write_text(f"model: {{family: featherface}}\ninput_size: 64\nseed: 2\ndata: {{root: {tiny_data}}}\n"
+    path.write_text(f"model: {{family: featherface}}\ninput_size: 64\nseed: 2\ndata: {{root: {small_embedded}}}\n"
                     f"train: {{steps: {STEPS}, batch_size: 2, lr: 0.002, warmup_steps: 1, checkpoint_every: 1}}\n")
     return path
 
