@@ -18,7 +18,8 @@ which reference layers (:class:`FitSite`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,19 @@ from torch import Tensor, nn
 RIDGE = 1e-3
 #: The most images a pass's ``fit_images`` may ask for: each costs one forward of both models.
 MAX_FIT_IMAGES = 256
+
+
+def fit_reference(model: nn.Module, fit_images: int,
+                  sample_inputs: Callable[[int], Tensor] | None) -> nn.Module | None:
+    """What a pass's refits reproduce: a copy of ``model`` as the pass found it, or None when ``fit_images`` is 0.
+
+    Refused (``ValueError`` on the ``fit_images`` field) when the run has no images to fit on.
+    """
+    if not fit_images:
+        return None
+    if sample_inputs is None:
+        raise ValueError("fit_images: this run has no images to fit on")
+    return copy.deepcopy(model)
 
 
 @dataclass(frozen=True)

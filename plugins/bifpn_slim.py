@@ -14,7 +14,6 @@ what they computed before the pass on that many of the run's images.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator
 from typing import Literal, TypeVar
 
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext, PassResult
-from compressor.refit import MAX_FIT_IMAGES, ConvRefit, refit_convs
+from compressor.refit import MAX_FIT_IMAGES, ConvRefit, fit_reference, refit_convs
 from compressor.surgery import batchnorm_keep, conv_keep, l1_importance, linear_keep, top_k
 from featherface.modules.bifpn import BiFPNCell, Projection, SeparableConvBN
 from featherface.modules.cbam import ChannelGate
@@ -86,9 +85,7 @@ class BiFPNSlim(Pass):
 
     def apply(self, model: nn.Module, params: BiFPNSlimParams, ctx: PassContext) -> PassResult:
         before = {"channels": model.bifpn[0].channels, "cells": len(model.bifpn)}
-        if params.fit_images and ctx.sample_inputs is None:
-            raise ValueError("fit_images: this run has no images to fit on")
-        reference = copy.deepcopy(model) if params.fit_images else None
+        reference = fit_reference(model, params.fit_images, ctx.sample_inputs)
         if params.cells is not None:
             model.bifpn = nn.ModuleList(model.bifpn[i] for i in kept_cells(len(model.bifpn), params.cells))
         # Ranked after dropping cells, so that removed layers do not vote for channels.

@@ -37,7 +37,6 @@ already-refitted outputs of the ones before it.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ from torch_pruning.pruner import function
 from compressor import Pass, hookimpl
 from compressor.family import ModelFamily, PruningHints
 from compressor.passes import PassResult
-from compressor.refit import MAX_FIT_IMAGES, ConvRefit, refit_convs
+from compressor.refit import MAX_FIT_IMAGES, ConvRefit, fit_reference, refit_convs
 
 # The standard layers that root channel groups (customised layers with channels are added per model).
 STANDARD_ROOTS = (nn.Conv2d, nn.Linear)
@@ -159,9 +158,7 @@ class Prune(Pass):
                 raise ValueError(f"ignored_layers: no module {path!r} in the model")
 
     def apply(self, model: nn.Module, params: Any, ctx: Any) -> PassResult:
-        if params.fit_images and ctx.sample_inputs is None:
-            raise ValueError("fit_images: this run has no images to fit on")
-        reference = copy.deepcopy(model) if params.fit_images else None
+        reference = fit_reference(model, params.fit_images, ctx.sample_inputs)
         done = prune_model(model, params, ctx)
         record: dict[str, Any] = {"groups": [group.record() for group in done]}
         if reference is not None and done:

@@ -37,7 +37,6 @@ no shuffle, the level's head convs directly (see :func:`reader_of`).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
@@ -49,7 +48,7 @@ from torch import Tensor, nn
 
 from compressor import Pass, hookimpl
 from compressor.passes import PassContext, PassResult
-from compressor.refit import MAX_FIT_IMAGES, ConvRefit, refit_convs
+from compressor.refit import MAX_FIT_IMAGES, ConvRefit, fit_reference, refit_convs
 from compressor.surgery import batchnorm_keep, conv_keep, dense_conv_weight, grouped_weight, l1_importance, top_k
 from facedet.modules.deform import DeformableConv2d
 from facedet.modules.heads import SeparateHeads, UnifiedHeads
@@ -166,9 +165,7 @@ class SSHSlim(Pass):
     def apply(self, model: nn.Module, params: SSHSlimParams, ctx: PassContext) -> PassResult:
         levels = _checked_levels(model, params.levels)
         target = Target.of(params)
-        if params.fit_images and ctx.sample_inputs is None:
-            raise ValueError("fit_images: this run has no images to fit on")
-        reference = copy.deepcopy(model) if params.fit_images else None
+        reference = fit_reference(model, params.fit_images, ctx.sample_inputs)
         names = {id(module): name for name, module in model.named_modules()}
         record: list[dict[str, Any]] = []
         rebuilt: list[Rebuilt] = []

@@ -488,8 +488,8 @@ def test_fit_images_refits_every_dense_reader_in_forward_order(reference_dir):
 
     assert "fit_relative_error" not in sliced.record
     errors = refitted.record["fit_relative_error"]
-    # The readers of the pruned channels: the next pointwise convs and the BiFPN's inputs, not the depthwise
-    # convs (which only lose channels); the stem's output is pruned, so stage1.1 reads it first.
+    # The readers of the pruned channels: the next pointwise convs, not the depthwise convs (which only lose
+    # channels); the stem's output is pruned, so stage1.1 reads it first.
     names = list(errors)
     assert names[0] == "backbone.stage1.1.pointwise" and not any("depthwise" in n for n in names)
     assert all(n.startswith("backbone.stage1.") and n.endswith(".pointwise") for n in names)
