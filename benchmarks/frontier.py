@@ -1,12 +1,14 @@
 """The frontier, as a picture: held-out test AP against parameters and against CPU latency, for many runs.
 
     python benchmarks/frontier.py --run LABEL=RUN_DIR [--run LABEL=RUN_DIR ...] [--series LABEL=NAME ...]
+                                  [--timed-on LABEL=CHECKPOINT ...]
                                   [--teacher CHECKPOINT] [--latency-runs 10] [--warmup 5] [--rounds 3]
                                   [--threads 1] [--input-size 640] [--out benchmarks/results/frontier]
 
 Each ``--run`` is one point: a folder written by ``compress run`` (its ``report.json``
 and ``final.pt``; a folder holding only the record, its weights not kept, is placed by
-its accuracy and parameters and left out of the latency, with a note).  The point's accuracy is the final model's held-out test AP
+its accuracy and parameters and left out of the latency, with a note, unless ``--timed-on``
+names a checkpoint of the same architecture to time it on).  The point's accuracy is the final model's held-out test AP
 (``test_ap`` in the record, with its interval ``test_ap_low``..``test_ap_high``, the
 face families' 95% bootstrap over test images); a run whose record has no test AP
 falls back to its validation ``ap``, and is marked so in the table, the JSON and
@@ -99,6 +101,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--series", action="append", type=_pair, default=[], metavar="LABEL=NAME",
                         help="put run LABEL in series NAME (points of a series are joined by a line); an empty "
                              "NAME makes it a marker of its own")
+    parser.add_argument("--timed-on", action="append", type=_pair, default=[], metavar="LABEL=CHECKPOINT",
+                        help="time run LABEL on CHECKPOINT instead of its final.pt: a model of the same "
+                             "architecture (e.g. its recipe run with --no-finetune) for a record whose weights "
+                             "were not kept; its parameter count must equal the record's")
     parser.add_argument("--teacher", type=Path, default=None,
                         help="the teacher's checkpoint for its latency (default: the runs' model.checkpoint as "
                              "recorded; the family's baseline when they started from none)")
@@ -187,6 +193,18 @@ def series_of(labels: list[str], explicit: list[tuple[str, str]]) -> dict[str, s
     return series
 
 
+def timed_on_of(labels: list[str], given: list[tuple[str, str]]) -> dict[str, Path]:
+    """``--timed-on`` as label -> checkpoint, each label a ``--run``'s and each checkpoint an existing file."""
+    timed_on: dict[str, Path] = {}
+    for label, checkpoint in given:
+        if label not in labels:
+            raise ScriptError(f"--timed-on {label}={checkpoint}: no --run is labelled {label!r}")
+        if not Path(checkpoint).is_file():
+            raise ScriptError(f"--timed-on {label}={checkpoint}: no such checkpoint")
+        timed_on[label] = Path(checkpoint)
+    return timed_on
+
+
 def check_folder(label: str, folder: str) -> Path:
     """The run folder, checked before anything is read: it exists and has a record."""
     path = Path(folder)
@@ -221,6 +239,7 @@ def read_points(args: argparse.Namespace) -> tuple[Point, list[Point], list[str]
         raise ScriptError(f"--run {TEACHER}=...: '{TEACHER}' is the baseline's label; name the run otherwise")
     series = series_of(labels, args.series)
     folders = [check_folder(label, folder) for label, folder in args.runs]  # all of them before reading any
+    timed_on = timed_on_of(labels, args.timed_on)
     if args.teacher is not None and args.latency_runs and not args.teacher.is_file():
         raise ScriptError(f"--teacher {args.teacher}: no such checkpoint")
 
@@ -239,12 +258,14 @@ def read_points(args: argparse.Namespace) -> tuple[Point, list[Point], list[str]
         if record.final is None:
             raise ScriptError(f"{where}: {REPORT} has no final model (unfinished or failed run)")
         ap, low, high, split = accuracy(record.final.metrics, where)
-        weights = folder / FINAL
+        weights = timed_on.get(label, folder / FINAL)
         point = Point(label, series[label], given, str(folder), str(weights) if weights.is_file() else "",
                       record.family, record.final.params.total, ap, low, high, split)
         if split != "test":
             notes.append(f"{label}: {SPLIT_NOTE}")
-        if not point.model and args.latency_runs:
+        if label in timed_on and args.latency_runs:
+            notes.append(f"{label}: timed on {weights} (the same architecture; its weights not kept)")
+        elif not point.model and args.latency_runs:
             notes.append(f"{label}: no {FINAL} in its folder (the record only, its weights not kept): not timed")
         points.append(point)
         parent = continued_run(record, args.runs, folders)

@@ -41,9 +41,14 @@ def fit_reference(model: nn.Module, fit_images: int,
     """
     if not fit_images:
         return None
-    if sample_inputs is None:
-        raise ValueError("fit_images: this run has no images to fit on")
+    check_fit_images(fit_images, sample_inputs)
     return copy.deepcopy(model)
+
+
+def check_fit_images(fit_images: int, sample_inputs: Callable[[int], Tensor] | None) -> None:
+    """Refuse (``ValueError`` on the ``fit_images`` field) a refit in a run that has no images to fit on."""
+    if fit_images and sample_inputs is None:
+        raise ValueError("fit_images: this run has no images to fit on")
 
 
 @dataclass(frozen=True)

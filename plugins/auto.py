@@ -45,7 +45,8 @@ from compressor import Pass, hookimpl
 from compressor.accounting import count_parameters
 from compressor.passes import PassContext, PassResult
 from compressor.validate import forward_eval
-from compressor_plugins.prune import PruneParams, prunable_components, prune_model
+from compressor.refit import MAX_FIT_IMAGES, check_fit_images
+from compressor_plugins.prune import PruneParams, prunable_components, prune_and_refit
 
 #: Steps of 0.05: a coarser grid overshoots the target by up to a step of the largest component.
 DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05 ... 0.7
@@ -70,6 +71,11 @@ class AutoParams(pydantic.BaseModel):
         "magnitude", description="How channels are ranked within a group, as in the prune pass.",
     )
     round_to: int | None = Field(None, ge=1, description="Keep pruned channel counts a multiple of this.")
+    fit_images: int = Field(
+        0, ge=0, le=MAX_FIT_IMAGES,
+        description="Refit the narrowed readers of the chosen cut on this many of the run's images, as the prune "
+                    "pass's fit_images does (the sensitivity probes stay sliced: cheap, and ranked alike); 0: none.",
+    )
 
     @pydantic.field_validator("ratios")
     @classmethod
@@ -169,6 +175,7 @@ class Auto(Pass):
     Params = AutoParams
 
     def check(self, model: nn.Module, params: Any, ctx: PassContext) -> None:
+        check_fit_images(params.fit_images, ctx.sample_inputs)
         prunable = prunable_components(model, ctx.family)
         for component in params.components or []:
             if component not in prunable:
@@ -191,10 +198,13 @@ class Auto(Pass):
             if allocation is None:
                 raise ValueError(f"target: {params.target:,} parameters cannot be reached from {start:,} with ratios "
                                  f"up to {max(params.ratios)} on {', '.join(components)}")
-            pruned = _pruned(model, allocation, params, ctx)
+            pruned, _ = _pruned(model, allocation, params, ctx)
             total = count_parameters(pruned).total
             if total <= params.target:
                 chosen = [o for o in options if allocation.get(o.component) == o.ratio]
+                if params.fit_images:  # the same cut again, refitted: the probes' copies stay sliced
+                    pruned, cut = _pruned(model, allocation, params, ctx, params.fit_images)
+                    record["fit_relative_error"] = cut.get("fit_relative_error", {})
                 return PassResult(pruned, {**record, "allocation": allocation, "params": total, "rounds": round_,
                                            "predicted_damage": sum(o.damage for o in chosen),
                                            "damage": damage(ctx.family, reference, forward_eval(pruned, inputs)),
@@ -205,16 +215,18 @@ class Auto(Pass):
 
     def _probe(self, model: nn.Module, component: str, ratio: float, params: AutoParams, ctx: PassContext,
                inputs: Tensor, reference: Any, start: int) -> Option:
-        pruned = _pruned(model, {component: ratio}, params, ctx)
+        pruned, _ = _pruned(model, {component: ratio}, params, ctx)
         return Option(component, ratio, start - count_parameters(pruned).total,
                       damage(ctx.family, reference, forward_eval(pruned, inputs)))
 
 
-def _pruned(model: nn.Module, ratios: dict[str, float], params: AutoParams, ctx: PassContext) -> nn.Module:
-    """A copy of ``model`` pruned by ``ratios`` in one application of the prune pass."""
+def _pruned(model: nn.Module, ratios: dict[str, float], params: AutoParams, ctx: PassContext,
+            fit_images: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of ``model`` pruned by ``ratios`` in one application of the prune pass, and that application's
+    record; its readers refitted on ``fit_images`` images if not 0."""
     candidate = copy.deepcopy(model)
-    prune_model(candidate, PruneParams(ratios=ratios, importance=params.importance, round_to=params.round_to), ctx)
-    return candidate
+    cut = PruneParams(ratios=ratios, importance=params.importance, round_to=params.round_to, fit_images=fit_images)
+    return candidate, prune_and_refit(candidate, cut, ctx)
 
 
 def _inputs(ctx: PassContext) -> Tensor:
@@ -228,6 +240,8 @@ def prune_params(record: dict[str, Any], params: AutoParams) -> dict[str, Any]:
     resolved: dict[str, Any] = {"ratios": dict(record["allocation"]), "importance": params.importance}
     if params.round_to is not None:
         resolved["round_to"] = params.round_to
+    if params.fit_images:
+        resolved["fit_images"] = params.fit_images
     return resolved
 
 

@@ -148,6 +148,30 @@ def test_auto_takes_the_rest_from_the_other_branch_when_the_quiet_one_is_spent()
     assert result.record["allocation"] == {"a": 0.5, "b": 0.25}
 
 
+def test_auto_fit_images_refits_the_chosen_cut_not_the_probes():
+    """8 channels must go at ratios up to 0.25: b (quiet) gives 4 and a (loud) the other 4.  With
+    fit_images the head, which lost their columns, is refitted on the run's images: the same allocation and
+    count, and the cut's damage lower than the sliced one's."""
+    images = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctx = PassContext(family=TwoBranchFamily(), example_input=images[:2], sample_inputs=lambda n: images[:n])
+    target = count_parameters(_toy("b")).total - 8 * PER_CHANNEL
+    sliced = Auto().apply(_toy("b"), AutoParams(target=target, ratios=[0.25]), ctx)
+    fitted = Auto().apply(_toy("b"), AutoParams(target=target, ratios=[0.25], fit_images=16), ctx)
+    assert sliced.record["allocation"] == fitted.record["allocation"] == {"a": 0.25, "b": 0.25}
+    assert sliced.record["sensitivity"] == fitted.record["sensitivity"]
+    assert count_parameters(fitted.model).total == target
+    error = fitted.record["fit_relative_error"]["head"]
+    assert error["fitted"] < error["start"]
+    assert fitted.record["damage"] < sliced.record["damage"]
+    assert "fit_relative_error" not in sliced.record
+
+
+def test_auto_fit_images_without_run_images_is_refused_before_probing():
+    ctx = PassContext(family=TwoBranchFamily(), example_input=torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="fit_images: this run has no images to fit on"):
+        Auto().check(_toy("a"), AutoParams(target=700, fit_images=8), ctx)
+
+
 def test_auto_refuses_an_unreachable_target_in_one_line():
     ctx = PassContext(family=TwoBranchFamily(), example_input=torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match="target: 100 parameters cannot be reached from 962"):

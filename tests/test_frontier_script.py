@@ -183,6 +183,27 @@ def test_a_run_whose_weights_were_not_kept_is_placed_but_not_timed(runs, tmp_pat
     assert (out / "frontier_latency.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_a_record_without_weights_is_timed_on_a_checkpoint_of_its_architecture(runs, tmp_path, capsys):
+    """--timed-on: the record's accuracy, the checkpoint's latency; the parameter counts must agree."""
+    kept = tmp_path / "record_only"
+    kept.mkdir()
+    shutil.copy(runs["ssh"] / "report.json", kept / "report.json")
+    out = tmp_path / "out"
+    timing = ["--latency-runs", "1", "--warmup", "0", "--rounds", "1", "--input-size", "64"]
+    code = load_script().main(["--run", f"old={kept}", "--timed-on", f"old={runs['ssh'] / 'final.pt'}", *timing,
+                               "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "frontier.json").read_text())
+    points = {p["label"]: p for p in result["points"]}
+    assert points["old"]["latency_ms"] > 0 and points["old"]["test_ap"] == report(runs["ssh"])["final"]["metrics"][
+        "test_ap"]
+    assert result["notes"] == [f"old: timed on {runs['ssh'] / 'final.pt'} (the same architecture; its weights not kept)"]
+    # A checkpoint of another architecture is refused: its count is not the record's.
+    code = load_script().main(["--run", f"old={kept}", "--timed-on", f"old={runs['prune@0.5'] / 'final.pt'}",
+                               *timing, "--out", str(tmp_path / "out2")])
+    assert code == 2 and "but its run record says" in capsys.readouterr().err
+
+
 def test_bad_input_size_fails_before_measuring(runs, tmp_path, capsys):
     code = load_script().main(["--run", f"a={runs['ssh']}", "--input-size", "65", "--out", str(tmp_path / "out")])
     captured = capsys.readouterr()
@@ -192,7 +213,7 @@ def test_bad_input_size_fails_before_measuring(runs, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing", "malformed", "no_label", "no_folder", "unknown_series",
-                                  "twice"])
+                                  "twice", "timed_on_label", "timed_on_file"])
 def test_bad_input_is_one_line(case, runs, tmp_path):
     run = f"a={runs['ssh']}"
     args, expected = {
@@ -202,6 +223,8 @@ def test_bad_input_is_one_line(case, runs, tmp_path):
         "no_folder": (["--run", "a="], "run folder is missing"),
         "unknown_series": (["--run", run, "--series", "b=x"], "no --run is labelled 'b'"),
         "twice": (["--run", run, "--run", run], "given twice"),
+        "timed_on_label": (["--run", run, "--timed-on", f"b={runs['ssh'] / 'final.pt'}"], "no --run is labelled 'b'"),
+        "timed_on_file": (["--run", run, "--timed-on", f"a={tmp_path / 'nope.pt'}"], "no such checkpoint"),
     }[case]
     result = run_script(*args, "--latency-runs", "0", "--out", str(tmp_path / "out"))
     lines = result.stderr.strip().splitlines()
