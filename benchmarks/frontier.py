@@ -283,7 +283,9 @@ def read_points(args: argparse.Namespace) -> tuple[Point, list[Point], list[str]
 
 def continued_run(record: Any, runs: list[tuple[str, str]], folders: list[Path]) -> str | None:
     """``LABEL's checkpoint NAME`` when the run started from a checkpoint inside another --run's folder
-    (``compress auto --from RUN/checkpoints/...``): its baseline is then that run's model, not the teacher."""
+    (``compress auto --from RUN/checkpoints/...``), ``FOLDER's checkpoint NAME`` when inside some other run
+    folder (one holding a report.json, e.g. a ``--no-finetune`` run): its baseline is then that run's
+    model, not the teacher."""
     start = (record.recipe.get("model") or {}).get("checkpoint")
     if not start:
         return None
@@ -291,6 +293,9 @@ def continued_run(record: Any, runs: list[tuple[str, str]], folders: list[Path])
     for (label, _), folder in zip(runs, folders):
         if start_path.is_relative_to(folder.resolve()):
             return f"{label}'s checkpoint {start_path.relative_to(folder.resolve())}"
+    for folder in start_path.parents:
+        if (folder / REPORT).is_file():
+            return f"{folder}'s checkpoint {start_path.relative_to(folder)}"
     return None
 
 

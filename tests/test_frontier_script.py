@@ -164,6 +164,18 @@ def test_a_run_continuing_another_keeps_the_teacher(runs, tmp_path, capsys):
     assert points["c"]["params"] == record["final"]["params"]["total"]
     assert any("c: started from a's checkpoint final.pt" in note for note in result["notes"])
 
+    # From a run folder that is not a --run (a --no-finetune run kept for its stage checkpoints): the same.
+    def from_elsewhere(record: dict) -> None:
+        continuing(record)
+        record["recipe"]["model"]["checkpoint"] = str(runs["prune@0.5"] / "final.pt")
+
+    other, _ = edited_run(runs, tmp_path / "elsewhere", from_elsewhere)
+    code = load_script().main(["--run", f"a={runs['prune@0.3']}", "--run", f"e={other}", "--latency-runs", "0",
+                               "--out", str(tmp_path / "out2")])
+    assert code == 0, capsys.readouterr().err
+    notes = json.loads((tmp_path / "out2" / "frontier.json").read_text())["notes"]
+    assert f"e: started from {runs['prune@0.5'].resolve()}'s checkpoint final.pt" in " ".join(notes)
+
 
 def test_a_run_whose_weights_were_not_kept_is_placed_but_not_timed(runs, tmp_path, capsys):
     kept = tmp_path / "record_only"
