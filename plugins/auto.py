@@ -24,7 +24,10 @@ Given only a parameter target, it decides how much each component gives:
 3. **Check.** The chosen ratios are applied together.  Channels coupled across
    components make the joint count differ from the sum of the single ones; if
    the model is still over the target, the shortfall is added to what must be
-   removed and the allocation is solved again.
+   removed and the allocation is solved again.  With ``fit_images``, the cut that
+   fits is made once more with the prune pass's least-squares refit of its
+   narrowed readers (the probes' damage is that of the sliced cuts: the refit
+   would multiply the search's cost by the number of options).
 
 The record lists the whole sensitivity table and the allocation, and `compress
 auto` (plugins/auto_command.py) writes the allocation back as a plain ``prune``
@@ -74,7 +77,7 @@ class AutoParams(pydantic.BaseModel):
     fit_images: int = Field(
         0, ge=0, le=MAX_FIT_IMAGES,
         description="Refit the narrowed readers of the chosen cut on this many of the run's images, as the prune "
-                    "pass's fit_images does (the sensitivity probes stay sliced: cheap, and ranked alike); 0: none.",
+                    "pass's fit_images does (the sensitivity probes stay sliced, to keep the search cheap); 0: none.",
     )
 
     @pydantic.field_validator("ratios")
