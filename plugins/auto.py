@@ -25,9 +25,9 @@ Given only a parameter target, it decides how much each component gives:
    components make the joint count differ from the sum of the single ones; if
    the model is still over the target, the shortfall is added to what must be
    removed and the allocation is solved again.  With ``fit_images``, the cut that
-   fits is made once more with the prune pass's least-squares refit of its
-   narrowed readers (the probes' damage is that of the sliced cuts: the refit
-   would multiply the search's cost by the number of options).
+   fits then gets the prune pass's least-squares refit of its narrowed readers
+   (the probes' damage is that of the sliced cuts: the refit would multiply the
+   search's cost by the number of options).
 
 The record lists the whole sensitivity table and the allocation, and `compress
 auto` (plugins/auto_command.py) writes the allocation back as a plain ``prune``
@@ -49,7 +49,7 @@ from compressor.accounting import count_parameters
 from compressor.passes import PassContext, PassResult
 from compressor.validate import forward_eval
 from compressor.refit import MAX_FIT_IMAGES, check_fit_images
-from compressor_plugins.prune import PruneParams, prunable_components, prune_and_refit
+from compressor_plugins.prune import PrunedGroup, PruneParams, prunable_components, prune_model, refit_readers
 
 #: Steps of 0.05: a coarser grid overshoots the target by up to a step of the largest component.
 DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05 ... 0.7
@@ -201,13 +201,13 @@ class Auto(Pass):
             if allocation is None:
                 raise ValueError(f"target: {params.target:,} parameters cannot be reached from {start:,} with ratios "
                                  f"up to {max(params.ratios)} on {', '.join(components)}")
-            pruned, _ = _pruned(model, allocation, params, ctx)
+            pruned, done = _pruned(model, allocation, params, ctx)
             total = count_parameters(pruned).total
             if total <= params.target:
                 chosen = [o for o in options if allocation.get(o.component) == o.ratio]
-                if params.fit_images:  # the same cut again, refitted: the probes' copies stay sliced
-                    pruned, cut = _pruned(model, allocation, params, ctx, params.fit_images)
-                    record["fit_relative_error"] = cut.get("fit_relative_error", {})
+                if params.fit_images:  # ``model`` is untouched: the reference the chosen cut's readers fit
+                    record["fit_relative_error"] = refit_readers(pruned, model, done,
+                                                                 ctx.sample_inputs(params.fit_images))
                 return PassResult(pruned, {**record, "allocation": allocation, "params": total, "rounds": round_,
                                            "predicted_damage": sum(o.damage for o in chosen),
                                            "damage": damage(ctx.family, reference, forward_eval(pruned, inputs)),
@@ -223,13 +223,13 @@ class Auto(Pass):
                       damage(ctx.family, reference, forward_eval(pruned, inputs)))
 
 
-def _pruned(model: nn.Module, ratios: dict[str, float], params: AutoParams, ctx: PassContext,
-            fit_images: int = 0) -> tuple[nn.Module, dict[str, Any]]:
-    """A copy of ``model`` pruned by ``ratios`` in one application of the prune pass, and that application's
-    record; its readers refitted on ``fit_images`` images if not 0."""
+def _pruned(model: nn.Module, ratios: dict[str, float], params: AutoParams,
+            ctx: PassContext) -> tuple[nn.Module, list[PrunedGroup]]:
+    """A copy of ``model`` pruned by ``ratios`` in one application of the prune pass (sliced), and what it removed."""
     candidate = copy.deepcopy(model)
-    cut = PruneParams(ratios=ratios, importance=params.importance, round_to=params.round_to, fit_images=fit_images)
-    return candidate, prune_and_refit(candidate, cut, ctx)
+    done = prune_model(candidate, PruneParams(ratios=ratios, importance=params.importance, round_to=params.round_to),
+                       ctx)
+    return candidate, done
 
 
 def _inputs(ctx: PassContext) -> Tensor:

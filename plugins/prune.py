@@ -158,18 +158,12 @@ class Prune(Pass):
                 raise ValueError(f"ignored_layers: no module {path!r} in the model")
 
     def apply(self, model: nn.Module, params: Any, ctx: Any) -> PassResult:
-        return PassResult(model, prune_and_refit(model, params, ctx))
-
-
-def prune_and_refit(model: nn.Module, params: PruneParams, ctx: Any) -> dict[str, Any]:
-    """One application of the prune pass on ``model`` in place, the readers refitted if ``params.fit_images``;
-    its record: the groups removed and, when refitted, the fit errors."""
-    reference = fit_reference(model, params.fit_images, ctx.sample_inputs)
-    done = prune_model(model, params, ctx)
-    record: dict[str, Any] = {"groups": [group.record() for group in done]}
-    if reference is not None and done:
-        record["fit_relative_error"] = refit_readers(model, reference, done, ctx.sample_inputs(params.fit_images))
-    return record
+        reference = fit_reference(model, params.fit_images, ctx.sample_inputs)
+        done = prune_model(model, params, ctx)
+        record: dict[str, Any] = {"groups": [group.record() for group in done]}
+        if reference is not None and done:
+            record["fit_relative_error"] = refit_readers(model, reference, done, ctx.sample_inputs(params.fit_images))
+        return PassResult(model, record)
 
 
 def prune_model(model: nn.Module, params: PruneParams, ctx: Any) -> list[PrunedGroup]:
